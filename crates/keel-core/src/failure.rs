@@ -1,0 +1,135 @@
+//! The structured error that crosses the wire: what an activity, child or orchestration
+//! failed with.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::payload::Payload;
+
+/// A failure as Keel records it: a kind to match on, a message, the chain of causes,
+/// whether retrying may help, and optional user data.
+///
+/// Never a bare string, so a workflow can branch on `kind`, a retry policy can refuse
+/// kinds, and the dashboard can show the whole chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// A stable, machine-matchable name, e.g. `"PaymentDeclined"`; Keel's own kinds
+    /// start with `keel.`.
+    pub kind: String,
+    /// A human-readable message.
+    pub message: String,
+    /// The messages of the error's sources, outermost first.
+    pub causes: Vec<String>,
+    /// Whether another attempt could succeed. Retry policies only retry these.
+    pub retryable: bool,
+    /// Structured details for the caller, encoded like any other payload.
+    pub data: Option<Payload>,
+}
+
+impl Failure {
+    /// Kind of a failure made from a panic; the message is the panic's.
+    pub const PANIC: &'static str = "keel.panic";
+    /// Kind of an attempt that ran past its per-attempt timeout.
+    pub const TIMEOUT: &'static str = "keel.timeout";
+    /// Kind of an operation or workflow that was cancelled.
+    pub const CANCELLED: &'static str = "keel.cancelled";
+    /// Kind of a payload that did not decode to the type asked for.
+    pub const DECODE: &'static str = "keel.decode";
+    /// Kind of a call to a name that no worker has registered.
+    pub const UNREGISTERED: &'static str = "keel.unregistered";
+
+    /// A retryable failure of `kind` with `message` and no causes or data.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.into(),
+            causes: Vec::new(),
+            retryable: true,
+            data: None,
+        }
+    }
+
+    /// A failure of `kind` from an error value: its message, and its `source()` chain
+    /// as causes.
+    pub fn from_error(kind: impl Into<String>, error: &(dyn StdError + 'static)) -> Self {
+        let mut failure = Self::new(kind, error.to_string());
+        let mut source = error.source();
+        while let Some(cause) = source {
+            failure.causes.push(cause.to_string());
+            source = cause.source();
+        }
+        failure
+    }
+
+    /// Marks whether another attempt could succeed.
+    #[must_use]
+    pub fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    /// Attaches structured details.
+    #[must_use]
+    pub fn with_data(mut self, data: Payload) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// Appends a cause.
+    #[must_use]
+    pub fn with_cause(mut self, cause: impl Into<String>) -> Self {
+        self.causes.push(cause.into());
+        self
+    }
+
+    /// Whether this failure is of `kind`.
+    pub fn is(&self, kind: &str) -> bool {
+        self.kind == kind
+    }
+
+    /// Whether this is Keel's cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        self.is(Self::CANCELLED)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)?;
+        for cause in &self.causes {
+            write!(f, ": {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for Failure {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("charging the card failed")
+        }
+    }
+    impl StdError for Outer {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn the_source_chain_is_kept() {
+        let err = Outer(std::io::Error::other("connection reset"));
+        let failure = Failure::from_error("Payment", &err).retryable(false);
+        assert_eq!(failure.causes, ["connection reset"]);
+        assert!(!failure.retryable);
+        assert_eq!(failure.to_string(), "Payment: charging the card failed: connection reset");
+    }
+}
