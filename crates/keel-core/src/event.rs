@@ -56,7 +56,6 @@ pub enum SideEffect {
 /// *command records*: replay checks each against the command the code issues again.
 /// The others are *inputs*: they are delivered to the code.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum EventKind {
     /// Input: the execution began.
     ExecutionStarted {

@@ -6,6 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::CodecError;
 use crate::payload::Payload;
 
 /// A failure as Keel records it: a kind to match on, a message, the chain of causes,
@@ -37,6 +38,8 @@ impl Failure {
     pub const CANCELLED: &'static str = "keel.cancelled";
     /// Kind of a payload that did not decode to the type asked for.
     pub const DECODE: &'static str = "keel.decode";
+    /// Kind of a value that could not be encoded (or was over the size limit).
+    pub const ENCODE: &'static str = "keel.encode";
     /// Kind of a call to a name that no worker has registered.
     pub const UNREGISTERED: &'static str = "keel.unregistered";
 
@@ -106,6 +109,18 @@ impl fmt::Display for Failure {
 }
 
 impl StdError for Failure {}
+
+impl From<CodecError> for Failure {
+    /// Decode errors become [`Failure::DECODE`], the rest [`Failure::ENCODE`]; neither is
+    /// retryable, since the same bytes fail the same way again.
+    fn from(error: CodecError) -> Self {
+        let kind = match error {
+            CodecError::Decode { .. } | CodecError::Corrupt(_) => Self::DECODE,
+            _ => Self::ENCODE,
+        };
+        Self::new(kind, error.to_string()).retryable(false)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,6 @@ pub type Outcome = Result<Payload, Failure>;
 /// A message for an orchestration instance. A turn consumes all the visible messages of
 /// one instance and turns them into history events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Message {
     /// Start an execution (a new instance, or the next execution after continue-as-new).
     Start {
