@@ -16,7 +16,10 @@ pub struct InvalidInput {
 impl InvalidInput {
     /// A rejection of `what` (e.g. "instance id") for `reason`.
     pub fn new(what: &'static str, reason: impl Into<String>) -> Self {
-        Self { what, reason: reason.into() }
+        Self {
+            what,
+            reason: reason.into(),
+        }
     }
 
     /// What was rejected.

@@ -145,6 +145,9 @@ mod tests {
         let failure = Failure::from_error("Payment", &err).retryable(false);
         assert_eq!(failure.causes, ["connection reset"]);
         assert!(!failure.retryable);
-        assert_eq!(failure.to_string(), "Payment: charging the card failed: connection reset");
+        assert_eq!(
+            failure.to_string(),
+            "Payment: charging the card failed: connection reset"
+        );
     }
 }

@@ -225,9 +225,15 @@ mod tests {
         let empty = InstanceId::new("").unwrap_err();
         assert!(empty.to_string().contains("must not be empty"), "{empty}");
         let long = InstanceId::new("x".repeat(257)).unwrap_err();
-        assert!(long.to_string().contains("257 bytes, the limit is 256"), "{long}");
+        assert!(
+            long.to_string().contains("257 bytes, the limit is 256"),
+            "{long}"
+        );
         let control = InstanceId::new("a\nb").unwrap_err();
-        assert!(control.to_string().contains("control character"), "{control}");
+        assert!(
+            control.to_string().contains("control character"),
+            "{control}"
+        );
     }
 
     #[test]

@@ -93,14 +93,22 @@ impl Payload {
 }
 
 fn header(bytes: &[u8]) -> Result<(Format, bool), CodecError> {
-    let &tag = bytes.first().ok_or_else(|| CodecError::Corrupt("empty payload".to_owned()))?;
+    let &tag = bytes
+        .first()
+        .ok_or_else(|| CodecError::Corrupt("empty payload".to_owned()))?;
     let format = match tag & FORMAT_MASK {
         JSON => Format::Json,
         POSTCARD => Format::Postcard,
-        _ => return Err(CodecError::Corrupt(format!("unknown payload header 0x{tag:02x}"))),
+        _ => {
+            return Err(CodecError::Corrupt(format!(
+                "unknown payload header 0x{tag:02x}"
+            )));
+        }
     };
     if tag & !(FORMAT_MASK | ZSTD) != 0 {
-        return Err(CodecError::Corrupt(format!("unknown payload header 0x{tag:02x}")));
+        return Err(CodecError::Corrupt(format!(
+            "unknown payload header 0x{tag:02x}"
+        )));
     }
     Ok((format, tag & ZSTD != 0))
 }
@@ -176,7 +184,9 @@ impl Codec {
         let mut bytes = vec![self.format.tag()];
         let written = match self.format {
             Format::Json => serde_json::to_writer(&mut bytes, value).map_err(|e| e.to_string()),
-            Format::Postcard => postcard::to_io(value, &mut bytes).map(drop).map_err(|e| e.to_string()),
+            Format::Postcard => postcard::to_io(value, &mut bytes)
+                .map(drop)
+                .map_err(|e| e.to_string()),
         };
         written.map_err(|detail| CodecError::Encode {
             type_name: std::any::type_name::<T>(),
@@ -185,17 +195,20 @@ impl Codec {
         })?;
         let size = bytes.len() - 1;
         if size > self.max_size {
-            return Err(CodecError::TooLarge { size, limit: self.max_size });
+            return Err(CodecError::TooLarge {
+                size,
+                limit: self.max_size,
+            });
         }
         if size > self.compress_above {
             // Only keep the compressed form when it is actually smaller.
-            if let Ok(compressed) = zstd::bulk::compress(&bytes[1..], ZSTD_LEVEL) {
-                if compressed.len() < size {
-                    let mut packed = Vec::with_capacity(compressed.len() + 1);
-                    packed.push(self.format.tag() | ZSTD);
-                    packed.extend_from_slice(&compressed);
-                    return Ok(Payload(packed));
-                }
+            if let Ok(compressed) = zstd::bulk::compress(&bytes[1..], ZSTD_LEVEL)
+                && compressed.len() < size
+            {
+                let mut packed = Vec::with_capacity(compressed.len() + 1);
+                packed.push(self.format.tag() | ZSTD);
+                packed.extend_from_slice(&compressed);
+                return Ok(Payload(packed));
             }
         }
         Ok(Payload(bytes))
@@ -216,7 +229,10 @@ impl Codec {
             &decompressed[..]
         } else {
             if body.len() > self.max_size {
-                return Err(CodecError::TooLarge { size: body.len(), limit: self.max_size });
+                return Err(CodecError::TooLarge {
+                    size: body.len(),
+                    limit: self.max_size,
+                });
             }
             body
         };
@@ -247,7 +263,10 @@ impl Serialize for Payload {
         if !serializer.is_human_readable() {
             return serializer.serialize_bytes(&self.0);
         }
-        let readable = match self.as_json_text().map(|t| serde_json::value::RawValue::from_string(t.to_owned())) {
+        let readable = match self
+            .as_json_text()
+            .map(|t| serde_json::value::RawValue::from_string(t.to_owned()))
+        {
             Some(Ok(raw)) => Readable::Json(raw),
             _ => Readable::Hex(self.0.iter().map(|b| format!("{b:02x}")).collect()),
         };
@@ -274,8 +293,10 @@ impl<'de> Deserialize<'de> for Payload {
 }
 
 fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
-    if hex.len() % 2 != 0 || !hex.is_ascii() {
-        return Err(format!("payload hex {hex:?} is not an even number of hex digits"));
+    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
+        return Err(format!(
+            "payload hex {hex:?} is not an even number of hex digits"
+        ));
     }
     (0..hex.len())
         .step_by(2)
@@ -321,14 +342,22 @@ mod tests {
 
     #[test]
     fn small_values_stay_uncompressed_and_readable() {
-        let p = Codec::default().encode(&Order { id: 1, items: vec!["tea".into()] }).unwrap();
+        let p = Codec::default()
+            .encode(&Order {
+                id: 1,
+                items: vec!["tea".into()],
+            })
+            .unwrap();
         assert!(!p.is_compressed());
         assert_eq!(p.as_json_text(), Some(r#"{"id":1,"items":["tea"]}"#));
     }
 
     #[test]
     fn large_values_are_compressed_and_round_trip() {
-        let order = Order { id: 7, items: vec!["x".repeat(100); 50] };
+        let order = Order {
+            id: 7,
+            items: vec!["x".repeat(100); 50],
+        };
         for format in [Format::Json, Format::Postcard] {
             let codec = Codec::new(format);
             let p = codec.encode(&order).unwrap();
@@ -348,22 +377,36 @@ mod tests {
     fn the_limit_names_itself_and_the_size() {
         let codec = Codec::default().max_size(10);
         let err = codec.encode(&"a string of twenty-two").unwrap_err();
-        assert_eq!(err.to_string(), "payload is 24 bytes, over the limit of 10 bytes");
+        assert_eq!(
+            err.to_string(),
+            "payload is 24 bytes, over the limit of 10 bytes"
+        );
     }
 
     #[test]
     fn decompression_is_bounded_by_the_limit() {
         let big = Codec::default().encode(&"z".repeat(100_000)).unwrap();
         assert!(big.len() < 1000, "zeros compress well");
-        let err = Codec::default().max_size(1000).decode::<String>(&big).unwrap_err();
+        let err = Codec::default()
+            .max_size(1000)
+            .decode::<String>(&big)
+            .unwrap_err();
         assert!(err.to_string().contains("limit of 1000 bytes"), "{err}");
     }
 
     #[test]
     fn decode_errors_name_the_type_and_the_field() {
-        let p = Codec::default().encode(&serde_json::json!({"id": 1})).unwrap();
-        let err = Codec::default().decode::<Order>(&p).unwrap_err().to_string();
-        assert!(err.contains("Order") && err.contains("missing field `items`"), "{err}");
+        let p = Codec::default()
+            .encode(&serde_json::json!({"id": 1}))
+            .unwrap();
+        let err = Codec::default()
+            .decode::<Order>(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Order") && err.contains("missing field `items`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -372,7 +415,10 @@ mod tests {
         assert!(Payload::from_bytes(vec![0x07, 1]).is_err());
         assert!(Payload::from_bytes(vec![0x41, 1]).is_err());
         let bad_zstd = Payload::from_bytes(vec![JSON | ZSTD, 1, 2, 3]).unwrap();
-        assert!(matches!(Codec::default().decode::<u8>(&bad_zstd), Err(CodecError::Corrupt(_))));
+        assert!(matches!(
+            Codec::default().decode::<u8>(&bad_zstd),
+            Err(CodecError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -30,10 +30,16 @@ pub fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError
         detail: "no bytes".to_owned(),
     })?;
     if version != RECORD_VERSION {
-        return Err(RecordError::Version { type_name, found: version, expected: RECORD_VERSION });
+        return Err(RecordError::Version {
+            type_name,
+            found: version,
+            expected: RECORD_VERSION,
+        });
     }
-    let (record, rest) = postcard::take_from_bytes(body)
-        .map_err(|e| RecordError::Corrupt { type_name, detail: e.to_string() })?;
+    let (record, rest) = postcard::take_from_bytes(body).map_err(|e| RecordError::Corrupt {
+        type_name,
+        detail: e.to_string(),
+    })?;
     if !rest.is_empty() {
         return Err(RecordError::Corrupt {
             type_name,

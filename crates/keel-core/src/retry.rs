@@ -60,7 +60,10 @@ pub enum RetryDecision {
 impl RetryPolicy {
     /// A policy that runs an activity once and never retries it.
     pub fn never() -> Self {
-        Self { max_attempts: 1, ..Self::default() }
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
     }
 
     /// Checks that the numbers make sense.
@@ -68,7 +71,10 @@ impl RetryPolicy {
         let reason = if self.max_attempts == 0 {
             "max_attempts must be at least 1".to_owned()
         } else if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            format!("multiplier must be a finite number >= 1, not {}", self.multiplier)
+            format!(
+                "multiplier must be a finite number >= 1, not {}",
+                self.multiplier
+            )
         } else if !(0.0..=1.0).contains(&self.jitter) {
             format!("jitter must be between 0 and 1, not {}", self.jitter)
         } else if self.max_interval < self.initial_interval {
@@ -91,7 +97,8 @@ impl RetryPolicy {
         let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
         let max = self.max_interval.as_secs_f64();
         let base = (self.initial_interval.as_secs_f64() * self.multiplier.powi(exponent)).min(max);
-        let mut rng = SplitMix64::new(seed ^ u64::from(attempt).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut rng =
+            SplitMix64::new(seed ^ u64::from(attempt).wrapping_mul(0xA24B_AED4_963E_E407));
         let spread = self.jitter.clamp(0.0, 1.0) * 2.0f64.mul_add(rng.next_f64(), -1.0);
         let delay = (base * (1.0 + spread)).clamp(0.0, max);
         Duration::try_from_secs_f64(delay).unwrap_or(self.max_interval)
@@ -113,7 +120,10 @@ mod tests {
     use super::*;
 
     fn no_jitter() -> RetryPolicy {
-        RetryPolicy { jitter: 0.0, ..RetryPolicy::default() }
+        RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        }
     }
 
     #[test]
@@ -126,34 +136,75 @@ mod tests {
 
     #[test]
     fn jitter_is_deterministic_and_bounded() {
-        let p = RetryPolicy { jitter: 0.5, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            jitter: 0.5,
+            ..RetryPolicy::default()
+        };
         for seed in 0..200 {
             let d = p.next_delay(3, seed);
             assert_eq!(d, p.next_delay(3, seed));
-            assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(6), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(6),
+                "{d:?}"
+            );
         }
         assert_ne!(p.next_delay(3, 1), p.next_delay(3, 2));
     }
 
     #[test]
     fn decisions_respect_attempts_flags_and_kinds() {
-        let p = RetryPolicy { max_attempts: 3, non_retryable: vec!["Declined".into()], ..no_jitter() };
+        let p = RetryPolicy {
+            max_attempts: 3,
+            non_retryable: vec!["Declined".into()],
+            ..no_jitter()
+        };
         let flaky = Failure::new("Network", "reset");
-        assert_eq!(p.decide(1, &flaky, 0), RetryDecision::RetryAfter(Duration::from_secs(1)));
+        assert_eq!(
+            p.decide(1, &flaky, 0),
+            RetryDecision::RetryAfter(Duration::from_secs(1))
+        );
         assert_eq!(p.decide(3, &flaky, 0), RetryDecision::GiveUp);
-        assert_eq!(p.decide(1, &Failure::new("Declined", "no"), 0), RetryDecision::GiveUp);
-        assert_eq!(p.decide(1, &flaky.clone().retryable(false), 0), RetryDecision::GiveUp);
-        assert_eq!(RetryPolicy::never().decide(1, &flaky, 0), RetryDecision::GiveUp);
+        assert_eq!(
+            p.decide(1, &Failure::new("Declined", "no"), 0),
+            RetryDecision::GiveUp
+        );
+        assert_eq!(
+            p.decide(1, &flaky.clone().retryable(false), 0),
+            RetryDecision::GiveUp
+        );
+        assert_eq!(
+            RetryPolicy::never().decide(1, &flaky, 0),
+            RetryDecision::GiveUp
+        );
     }
 
     #[test]
     fn validation_names_the_bad_field() {
         assert!(RetryPolicy::default().validate().is_ok());
-        let bad = RetryPolicy { multiplier: 0.5, ..RetryPolicy::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("multiplier"));
-        let bad = RetryPolicy { jitter: f64::NAN, ..RetryPolicy::default() };
+        let bad = RetryPolicy {
+            multiplier: 0.5,
+            ..RetryPolicy::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("multiplier")
+        );
+        let bad = RetryPolicy {
+            jitter: f64::NAN,
+            ..RetryPolicy::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("jitter"));
-        let bad = RetryPolicy { max_attempts: 0, ..RetryPolicy::default() };
-        assert!(bad.validate().unwrap_err().to_string().contains("max_attempts"));
+        let bad = RetryPolicy {
+            max_attempts: 0,
+            ..RetryPolicy::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_attempts")
+        );
     }
 }

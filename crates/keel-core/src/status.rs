@@ -87,6 +87,12 @@ mod tests {
         for status in InstanceStatus::ALL {
             assert_eq!(status.as_str().parse::<InstanceStatus>().unwrap(), status);
         }
-        assert!("done".parse::<InstanceStatus>().unwrap_err().to_string().contains("\"done\""));
+        assert!(
+            "done"
+                .parse::<InstanceStatus>()
+                .unwrap_err()
+                .to_string()
+                .contains("\"done\"")
+        );
     }
 }

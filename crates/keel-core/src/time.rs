@@ -83,15 +83,29 @@ mod tests {
     fn arithmetic_saturates() {
         let t = Timestamp::from_millis(1_000);
         assert_eq!(t.saturating_add(Duration::from_secs(2)).as_millis(), 3_000);
-        assert_eq!(Timestamp::from_millis(u64::MAX - 1).saturating_add(Duration::MAX).as_millis(), u64::MAX);
-        assert_eq!(t.saturating_duration_since(Timestamp::from_millis(4_000)), Duration::ZERO);
-        assert_eq!(Timestamp::from_millis(4_000).saturating_duration_since(t), Duration::from_secs(3));
+        assert_eq!(
+            Timestamp::from_millis(u64::MAX - 1)
+                .saturating_add(Duration::MAX)
+                .as_millis(),
+            u64::MAX
+        );
+        assert_eq!(
+            t.saturating_duration_since(Timestamp::from_millis(4_000)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            Timestamp::from_millis(4_000).saturating_duration_since(t),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]
     fn system_time_round_trips_at_millisecond_precision() {
         let t = Timestamp::from_millis(1_764_000_000_123);
         assert_eq!(Timestamp::from(t.to_system_time()), t);
-        assert_eq!(Timestamp::from_system_time(UNIX_EPOCH - Duration::from_secs(1)), Timestamp::EPOCH);
+        assert_eq!(
+            Timestamp::from_system_time(UNIX_EPOCH - Duration::from_secs(1)),
+            Timestamp::EPOCH
+        );
     }
 }

@@ -37,7 +37,10 @@ impl WorkItem {
         // FNV-1a over the identity: stable across builds, unlike `DefaultHasher`.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let bytes = self.instance.as_str().bytes();
-        let numbers = u64::from(self.execution.get()).to_le_bytes().into_iter().chain(self.op.get().to_le_bytes());
+        let numbers = u64::from(self.execution.get())
+            .to_le_bytes()
+            .into_iter()
+            .chain(self.op.get().to_le_bytes());
         for byte in bytes.chain(numbers) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }

@@ -15,7 +15,9 @@ pub use futures_util::future::{Either, join_all};
 /// The others are dropped at once (cancelling what they scheduled). With no futures it
 /// never resolves, which the engine reports as awaiting nothing durable.
 pub fn select<F: Future>(futures: impl IntoIterator<Item = F>) -> Select<F> {
-    Select { futures: futures.into_iter().map(Box::pin).collect() }
+    Select {
+        futures: futures.into_iter().map(Box::pin).collect(),
+    }
 }
 
 /// The future of [`select`].
@@ -26,7 +28,9 @@ pub struct Select<F> {
 
 impl<F> std::fmt::Debug for Select<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Select").field("futures", &self.futures.len()).finish()
+        f.debug_struct("Select")
+            .field("futures", &self.futures.len())
+            .finish()
     }
 }
 
@@ -34,10 +38,14 @@ impl<F: Future> Future for Select<F> {
     type Output = (usize, F::Output);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let winner = self.futures.iter_mut().enumerate().find_map(|(index, future)| match future.as_mut().poll(cx) {
-            Poll::Ready(output) => Some((index, output)),
-            Poll::Pending => None,
-        });
+        let winner = self
+            .futures
+            .iter_mut()
+            .enumerate()
+            .find_map(|(index, future)| match future.as_mut().poll(cx) {
+                Poll::Ready(output) => Some((index, output)),
+                Poll::Pending => None,
+            });
         if winner.is_some() {
             self.futures.clear();
         }
@@ -47,7 +55,10 @@ impl<F: Future> Future for Select<F> {
 
 /// Waits for the first of two futures of different types to finish.
 pub fn select2<A: Future, B: Future>(a: A, b: B) -> Select2<A, B> {
-    Select2 { a: Some(Box::pin(a)), b: Some(Box::pin(b)) }
+    Select2 {
+        a: Some(Box::pin(a)),
+        b: Some(Box::pin(b)),
+    }
 }
 
 /// The future of [`select2`].
@@ -68,7 +79,8 @@ impl<A: Future, B: Future> Future for Select2<A, B> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let winner = if let Some(Poll::Ready(output)) = this.a.as_mut().map(|a| a.as_mut().poll(cx)) {
+        let winner = if let Some(Poll::Ready(output)) = this.a.as_mut().map(|a| a.as_mut().poll(cx))
+        {
             Either::Left(output)
         } else if let Some(Poll::Ready(output)) = this.b.as_mut().map(|b| b.as_mut().poll(cx)) {
             Either::Right(output)

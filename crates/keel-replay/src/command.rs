@@ -1,6 +1,8 @@
 //! What a turn asks the outside world to do, and how the execution stands after it.
 
-use keel_core::{ActivityOptions, InstanceId, OpId, ParentLink, Payload, Timestamp, Outcome, Failure, Event};
+use keel_core::{
+    ActivityOptions, Event, Failure, InstanceId, OpId, Outcome, ParentLink, Payload, Timestamp,
+};
 
 /// A side effect of a turn for the provider to carry out, atomically with appending the
 /// turn's events.

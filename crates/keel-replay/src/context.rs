@@ -80,12 +80,20 @@ impl OrchestrationContext {
 
     /// A durable timer firing `duration` after the current point of the orchestration.
     pub fn sleep(&self, duration: Duration) -> Timer {
-        Timer { state: self.state.clone(), due: Some(Due::After(duration)), op: None }
+        Timer {
+            state: self.state.clone(),
+            due: Some(Due::After(duration)),
+            op: None,
+        }
     }
 
     /// A durable timer firing at `time` (at once if it is past).
     pub fn sleep_until(&self, time: impl Into<Timestamp>) -> Timer {
-        Timer { state: self.state.clone(), due: Some(Due::At(time.into())), op: None }
+        Timer {
+            state: self.state.clone(),
+            due: Some(Due::At(time.into())),
+            op: None,
+        }
     }
 
     /// Waits for the next external signal called `name` and decodes its data.
@@ -93,7 +101,12 @@ impl OrchestrationContext {
     /// Signals that arrive before anyone waits are buffered in arrival order; each is
     /// consumed by exactly one wait, so two waits get two successive signals.
     pub fn signal<T: DeserializeOwned>(&self, name: impl Into<String>) -> SignalWait<T> {
-        SignalWait { state: self.state.clone(), name: name.into(), waiter: None, _output: PhantomData }
+        SignalWait {
+            state: self.state.clone(),
+            name: name.into(),
+            waiter: None,
+            _output: PhantomData,
+        }
     }
 
     /// Starts the child orchestration `name` with `input`; await the call for its output
@@ -106,7 +119,12 @@ impl OrchestrationContext {
         let input = self.encode(input);
         ChildCall {
             state: self.state.clone(),
-            draft: Some(ChildDraft { name: name.into(), input, instance: None, version: None }),
+            draft: Some(ChildDraft {
+                name: name.into(),
+                input,
+                instance: None,
+                version: None,
+            }),
             op: None,
             _output: PhantomData,
         }
@@ -116,7 +134,11 @@ impl OrchestrationContext {
     /// fresh history. Await it as the orchestration's last act: `return
     /// ctx.continue_as_new(&next).await;` (it never resolves).
     pub fn continue_as_new<I: Serialize + ?Sized, R>(&self, input: &I) -> ContinueAsNew<R> {
-        ContinueAsNew { state: self.state.clone(), input: Some(self.encode(input)), _output: PhantomData }
+        ContinueAsNew {
+            state: self.state.clone(),
+            input: Some(self.encode(input)),
+            _output: PhantomData,
+        }
     }
 
     /// The current time, recorded once: replay returns the same value.
@@ -133,7 +155,11 @@ impl OrchestrationContext {
     pub fn uuid(&self) -> uuid::Uuid {
         let mut state = lock(&self.state);
         let bits = (u128::from(state.rng.next_u64()) << 64) | u128::from(state.rng.next_u64());
-        let live = SideEffect::Uuid(uuid::Builder::from_random_bytes(bits.to_be_bytes()).into_uuid().as_u128());
+        let live = SideEffect::Uuid(
+            uuid::Builder::from_random_bytes(bits.to_be_bytes())
+                .into_uuid()
+                .as_u128(),
+        );
         match record_side_effect(&mut state, live) {
             SideEffect::Uuid(bits) => uuid::Uuid::from_u128(bits),
             _ => uuid::Uuid::nil(),
@@ -217,15 +243,26 @@ impl Drop for OpHandle {
 }
 
 /// Issues `draft` and opens its slot; `None` when the turn has diverged (stay pending).
-fn open(state: &SharedState, cx: &Context<'_>, issue: impl FnOnce(&mut crate::state::State, OpId) -> Option<OpKind>) -> Option<OpHandle> {
+fn open(
+    state: &SharedState,
+    cx: &Context<'_>,
+    issue: impl FnOnce(&mut crate::state::State, OpId) -> Option<OpKind>,
+) -> Option<OpHandle> {
     let mut guard = lock(state);
     let op = guard.next_op();
     let kind = issue(&mut guard, op)?;
     guard.open_slot(op, kind, cx.waker());
-    Some(OpHandle { state: state.clone(), op, done: false })
+    Some(OpHandle {
+        state: state.clone(),
+        op,
+        done: false,
+    })
 }
 
-fn decode<O: DeserializeOwned>(state: &SharedState, outcome: Result<Payload, Failure>) -> Result<O, Failure> {
+fn decode<O: DeserializeOwned>(
+    state: &SharedState,
+    outcome: Result<Payload, Failure>,
+) -> Result<O, Failure> {
     let payload = outcome?;
     let codec = lock(state).codec;
     codec.decode(&payload).map_err(Failure::from)
@@ -245,7 +282,9 @@ pub struct ActivityCall<O> {
 
 impl<O> std::fmt::Debug for ActivityCall<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ActivityCall").field("name", &self.draft.as_ref().map(|d| &d.0)).finish_non_exhaustive()
+        f.debug_struct("ActivityCall")
+            .field("name", &self.draft.as_ref().map(|d| &d.0))
+            .finish_non_exhaustive()
     }
 }
 
@@ -255,7 +294,6 @@ impl<O> ActivityCall<O> {
     }
 
     /// Retries failed attempts by `policy` (the default: 5 attempts, 1 s doubling).
-    #[must_use]
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         if let Some(options) = self.options_mut() {
             options.retry = policy;
@@ -264,7 +302,6 @@ impl<O> ActivityCall<O> {
     }
 
     /// Fails an attempt that runs longer than `timeout` (then retried by the policy).
-    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         if let Some(options) = self.options_mut() {
             options.retry.attempt_timeout = Some(timeout);
@@ -273,7 +310,6 @@ impl<O> ActivityCall<O> {
     }
 
     /// Routes the activity to the workers serving `queue`.
-    #[must_use]
     pub fn queue(mut self, queue: QueueName) -> Self {
         if let Some(options) = self.options_mut() {
             options.queue = queue;
@@ -282,7 +318,6 @@ impl<O> ActivityCall<O> {
     }
 
     /// Runs it before lower-priority items of its queue.
-    #[must_use]
     pub fn priority(mut self, priority: i32) -> Self {
         if let Some(options) = self.options_mut() {
             options.priority = priority;
@@ -302,12 +337,24 @@ impl<O: DeserializeOwned> Future for ActivityCall<O> {
                 Err(failure) => return Poll::Ready(Err(failure)),
             };
             if let Err(invalid) = options.retry.validate() {
-                return Poll::Ready(Err(Failure::new(Failure::ENCODE, invalid.to_string()).retryable(false)));
+                return Poll::Ready(Err(
+                    Failure::new(Failure::ENCODE, invalid.to_string()).retryable(false)
+                ));
             }
             this.op = open(&this.state, cx, |state, op| {
-                let draft = EventKind::ActivityScheduled { op, name, input, options };
+                let draft = EventKind::ActivityScheduled {
+                    op,
+                    name,
+                    input,
+                    options,
+                };
                 let issued = state.issue(draft, |kind| match kind {
-                    EventKind::ActivityScheduled { op, name, input, options } => Some(Command::ScheduleActivity {
+                    EventKind::ActivityScheduled {
+                        op,
+                        name,
+                        input,
+                        options,
+                    } => Some(Command::ScheduleActivity {
                         op: *op,
                         name: name.clone(),
                         input: input.clone(),
@@ -318,7 +365,9 @@ impl<O: DeserializeOwned> Future for ActivityCall<O> {
                 (!matches!(issued, Issued::Diverged)).then_some(OpKind::Activity)
             });
         }
-        let Some(handle) = this.op.as_mut() else { return Poll::Pending };
+        let Some(handle) = this.op.as_mut() else {
+            return Poll::Pending;
+        };
         match handle.poll(cx) {
             Poll::Ready(Resolution::Outcome(outcome)) => Poll::Ready(decode(&this.state, outcome)),
             Poll::Ready(Resolution::Fired) | Poll::Pending => Poll::Pending,
@@ -342,7 +391,9 @@ pub struct Timer {
 
 impl std::fmt::Debug for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timer").field("op", &self.op.as_ref().map(|h| h.op)).finish_non_exhaustive()
+        f.debug_struct("Timer")
+            .field("op", &self.op.as_ref().map(|h| h.op))
+            .finish_non_exhaustive()
     }
 }
 
@@ -381,7 +432,9 @@ pub struct SignalWait<T> {
 
 impl<T> std::fmt::Debug for SignalWait<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SignalWait").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("SignalWait")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -426,13 +479,14 @@ pub struct ChildCall<O> {
 
 impl<O> std::fmt::Debug for ChildCall<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChildCall").field("name", &self.draft.as_ref().map(|d| &d.name)).finish_non_exhaustive()
+        f.debug_struct("ChildCall")
+            .field("name", &self.draft.as_ref().map(|d| &d.name))
+            .finish_non_exhaustive()
     }
 }
 
 impl<O> ChildCall<O> {
     /// Gives the child this instance id instead of the derived `<parent>:<execution>:<op>`.
-    #[must_use]
     pub fn instance_id(mut self, instance: InstanceId) -> Self {
         if let Some(draft) = self.draft.as_mut() {
             draft.instance = Some(instance);
@@ -441,7 +495,6 @@ impl<O> ChildCall<O> {
     }
 
     /// Runs this registered version of the child instead of the newest.
-    #[must_use]
     pub fn version(mut self, version: u32) -> Self {
         if let Some(draft) = self.draft.as_mut() {
             draft.version = Some(version);
@@ -455,17 +508,36 @@ impl<O: DeserializeOwned> Future for ChildCall<O> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if let Some(ChildDraft { name, input, instance, version }) = this.draft.take() {
+        if let Some(ChildDraft {
+            name,
+            input,
+            instance,
+            version,
+        }) = this.draft.take()
+        {
             let input = match input {
                 Ok(input) => input,
                 Err(failure) => return Poll::Ready(Err(failure)),
             };
             this.op = open(&this.state, cx, |state, op| {
-                let instance = instance.unwrap_or_else(|| state.instance.child(state.execution, op));
+                let instance =
+                    instance.unwrap_or_else(|| state.instance.child(state.execution, op));
                 let live_kind = OpKind::Child(instance.clone());
-                let draft = EventKind::ChildScheduled { op, name, version, instance, input };
+                let draft = EventKind::ChildScheduled {
+                    op,
+                    name,
+                    version,
+                    instance,
+                    input,
+                };
                 let issued = state.issue(draft, |kind| match kind {
-                    EventKind::ChildScheduled { op, name, version, instance, input } => Some(Command::StartChild {
+                    EventKind::ChildScheduled {
+                        op,
+                        name,
+                        version,
+                        instance,
+                        input,
+                    } => Some(Command::StartChild {
                         op: *op,
                         name: name.clone(),
                         version: *version,
@@ -477,12 +549,16 @@ impl<O: DeserializeOwned> Future for ChildCall<O> {
                 match issued {
                     Issued::Live => Some(live_kind),
                     // The recorded id wins: the cancel must reach the child that exists.
-                    Issued::Replayed(EventKind::ChildScheduled { instance, .. }) => Some(OpKind::Child(instance)),
+                    Issued::Replayed(EventKind::ChildScheduled { instance, .. }) => {
+                        Some(OpKind::Child(instance))
+                    }
                     Issued::Replayed(_) | Issued::Diverged => None,
                 }
             });
         }
-        let Some(handle) = this.op.as_mut() else { return Poll::Pending };
+        let Some(handle) = this.op.as_mut() else {
+            return Poll::Pending;
+        };
         match handle.poll(cx) {
             Poll::Ready(Resolution::Outcome(outcome)) => Poll::Ready(decode(&this.state, outcome)),
             Poll::Ready(Resolution::Fired) | Poll::Pending => Poll::Pending,

@@ -20,7 +20,10 @@ pub struct EventSummary {
 
 impl EventSummary {
     pub(crate) fn of(kind: &EventKind) -> Self {
-        Self { kind: kind.name(), name: kind.label().map(str::to_owned) }
+        Self {
+            kind: kind.name(),
+            name: kind.label().map(str::to_owned),
+        }
     }
 }
 
@@ -54,7 +57,9 @@ pub enum ReplayError {
     },
     /// The code issued a command past the end of a finished execution's history, or a
     /// command where the history holds an input event.
-    #[error("nondeterminism at history event {position}: the code issued {issued}, which the history does not have")]
+    #[error(
+        "nondeterminism at history event {position}: the code issued {issued}, which the history does not have"
+    )]
     UnexpectedCommand {
         /// Where the history was when the command came.
         position: u64,
@@ -70,7 +75,9 @@ pub enum ReplayError {
     )]
     NonDurableAwait,
     /// The orchestration kept waking itself without waiting on anything durable.
-    #[error("the orchestration woke itself {polls} times in a row without waiting on a durable operation (a busy loop?)")]
+    #[error(
+        "the orchestration woke itself {polls} times in a row without waiting on a durable operation (a busy loop?)"
+    )]
     BusyLoop {
         /// How many polls were made.
         polls: u32,
@@ -102,6 +109,9 @@ pub enum ReplayError {
 impl ReplayError {
     /// Whether the code disagrees with its history (suspend at once, do not retry).
     pub fn is_nondeterminism(&self) -> bool {
-        matches!(self, Self::Nondeterminism { .. } | Self::UnexpectedCommand { .. })
+        matches!(
+            self,
+            Self::Nondeterminism { .. } | Self::UnexpectedCommand { .. }
+        )
     }
 }

@@ -109,7 +109,13 @@ impl Execution {
         version: u32,
         orchestration: Arc<dyn Orchestration>,
     ) -> Self {
-        Self::with_codec(instance, execution, version, orchestration, Codec::default())
+        Self::with_codec(
+            instance,
+            execution,
+            version,
+            orchestration,
+            Codec::default(),
+        )
     }
 
     /// Like [`new`](Self::new), encoding values the code produces with `codec`.
@@ -162,7 +168,11 @@ impl Execution {
     /// to the code one at a time in order, with the code run after each. Messages for
     /// another execution, for operations no longer waited on, or after the end are
     /// dropped. A start is applied first wherever it is in the batch.
-    pub fn turn(&mut self, messages: impl IntoIterator<Item = Message>, env: TurnEnv) -> Result<Turn> {
+    pub fn turn(
+        &mut self,
+        messages: impl IntoIterator<Item = Message>,
+        env: TurnEnv,
+    ) -> Result<Turn> {
         self.usable()?;
         {
             let mut state = lock(&self.state);
@@ -199,7 +209,9 @@ impl Execution {
             let (event, position) = {
                 let mut state = lock(&self.state);
                 let position = state.position;
-                let Some(front) = state.expected.front() else { return Ok(()) };
+                let Some(front) = state.expected.front() else {
+                    return Ok(());
+                };
                 if self.status.is_finished() {
                     let reason = format!("{} after the execution ended", front.kind.name());
                     return Err(ReplayError::CorruptHistory { position, reason });
@@ -210,7 +222,11 @@ impl Execution {
                         return Err(ReplayError::CorruptHistory { position, reason });
                     }
                     let recorded = EventSummary::of(&front.kind);
-                    return Err(ReplayError::Nondeterminism { position, recorded, issued: None });
+                    return Err(ReplayError::Nondeterminism {
+                        position,
+                        recorded,
+                        issued: None,
+                    });
                 }
                 state.position += 1;
                 match state.expected.pop_front() {
@@ -224,12 +240,17 @@ impl Execution {
 
     fn apply_messages(&mut self, messages: Vec<Message>, now: Timestamp) -> Result<()> {
         for message in messages {
-            let Some(kind) = self.admit(message)? else { continue };
+            let Some(kind) = self.admit(message)? else {
+                continue;
+            };
             let position = {
                 let mut state = lock(&self.state);
                 let position = state.position;
                 state.position += 1;
-                state.new_events.push(Event { at: now, kind: kind.clone() });
+                state.new_events.push(Event {
+                    at: now,
+                    kind: kind.clone(),
+                });
                 position
             };
             self.apply(Event { at: now, kind }, position, false)?;
@@ -243,26 +264,46 @@ impl Execution {
             return Ok(None);
         }
         let state = lock(&self.state);
-        if message.execution().is_some_and(|execution| execution != state.execution) {
+        if message
+            .execution()
+            .is_some_and(|execution| execution != state.execution)
+        {
             return Ok(None);
         }
         let started = self.status != ExecutionState::NotStarted;
         if !started && !matches!(message, Message::Start { .. }) {
-            return Err(ReplayError::NotStarted { message: message.name(), execution: state.execution.get() });
+            return Err(ReplayError::NotStarted {
+                message: message.name(),
+                execution: state.execution.get(),
+            });
         }
         Ok(match message {
-            Message::Start { name, input, parent, .. } => {
-                (!started).then_some(EventKind::ExecutionStarted { name, version: self.version, input, parent })
+            Message::Start {
+                name,
+                input,
+                parent,
+                ..
+            } => (!started).then_some(EventKind::ExecutionStarted {
+                name,
+                version: self.version,
+                input,
+                parent,
+            }),
+            Message::ActivityDone { op, outcome, .. } => {
+                state.is_waiting(op, is_activity).then_some(match outcome {
+                    Ok(output) => EventKind::ActivityCompleted { op, output },
+                    Err(failure) => EventKind::ActivityFailed { op, failure },
+                })
             }
-            Message::ActivityDone { op, outcome, .. } => state.is_waiting(op, is_activity).then(|| match outcome {
-                Ok(output) => EventKind::ActivityCompleted { op, output },
-                Err(failure) => EventKind::ActivityFailed { op, failure },
-            }),
-            Message::TimerFired { op, .. } => state.is_waiting(op, is_timer).then_some(EventKind::TimerFired { op }),
-            Message::ChildDone { op, outcome, .. } => state.is_waiting(op, is_child).then(|| match outcome {
-                Ok(output) => EventKind::ChildCompleted { op, output },
-                Err(failure) => EventKind::ChildFailed { op, failure },
-            }),
+            Message::TimerFired { op, .. } => state
+                .is_waiting(op, is_timer)
+                .then_some(EventKind::TimerFired { op }),
+            Message::ChildDone { op, outcome, .. } => {
+                state.is_waiting(op, is_child).then_some(match outcome {
+                    Ok(output) => EventKind::ChildCompleted { op, output },
+                    Err(failure) => EventKind::ChildFailed { op, failure },
+                })
+            }
             Message::Signal { name, payload } => Some(EventKind::SignalReceived { name, payload }),
             Message::Cancel { reason } => Some(EventKind::CancelRequested { reason }),
         })
@@ -277,7 +318,12 @@ impl Execution {
         }
         let corrupt = |reason: String| ReplayError::CorruptHistory { position, reason };
         match event.kind {
-            EventKind::ExecutionStarted { version, input, parent, .. } => {
+            EventKind::ExecutionStarted {
+                version,
+                input,
+                parent,
+                ..
+            } => {
                 if self.status != ExecutionState::NotStarted {
                     return Err(corrupt("a second ExecutionStarted".to_owned()));
                 }
@@ -292,12 +338,16 @@ impl Execution {
                 let ctx = OrchestrationContext::new(self.state.clone());
                 let orchestration = &self.orchestration;
                 let future = catch_unwind(AssertUnwindSafe(|| orchestration.run(ctx, input)))
-                    .map_err(|panic| ReplayError::Panic { message: panic_message(&*panic) })?;
+                    .map_err(|panic| ReplayError::Panic {
+                        message: panic_message(&*panic),
+                    })?;
                 self.future = Some(future);
             }
             EventKind::CancelRequested { reason } => {
                 if self.status == ExecutionState::NotStarted {
-                    return Err(corrupt("CancelRequested before ExecutionStarted".to_owned()));
+                    return Err(corrupt(
+                        "CancelRequested before ExecutionStarted".to_owned(),
+                    ));
                 }
                 return self.finish(End::Cancelled(reason));
             }
@@ -337,7 +387,9 @@ impl Execution {
         let waker = Waker::from(self.woken.clone());
         let mut cx = Context::from_waker(&waker);
         for _ in 0..MAX_POLLS_PER_INPUT {
-            let Some(future) = self.future.as_mut() else { return Ok(()) };
+            let Some(future) = self.future.as_mut() else {
+                return Ok(());
+            };
             self.woken.0.store(false, Ordering::Relaxed);
             let polled = catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx)));
             let (diverged, continued) = {
@@ -348,7 +400,11 @@ impl Execution {
                 return Err(error);
             }
             match polled {
-                Err(panic) => return Err(ReplayError::Panic { message: panic_message(&*panic) }),
+                Err(panic) => {
+                    return Err(ReplayError::Panic {
+                        message: panic_message(&*panic),
+                    });
+                }
                 Ok(Poll::Ready(Ok(output))) => return self.finish(End::Completed(output)),
                 Ok(Poll::Ready(Err(failure))) => return self.finish(End::Failed(failure)),
                 Ok(Poll::Pending) => {}
@@ -359,46 +415,74 @@ impl Execution {
                 None => {}
             }
             if !self.woken.0.load(Ordering::Relaxed) {
-                return if lock(&self.state).outstanding() == 0 { Err(ReplayError::NonDurableAwait) } else { Ok(()) };
+                return if lock(&self.state).outstanding() == 0 {
+                    Err(ReplayError::NonDurableAwait)
+                } else {
+                    Ok(())
+                };
             }
         }
-        Err(ReplayError::BusyLoop { polls: MAX_POLLS_PER_INPUT })
+        Err(ReplayError::BusyLoop {
+            polls: MAX_POLLS_PER_INPUT,
+        })
     }
 
     /// Ends the execution: drops the code (cancelling what it left running, recorded
     /// before the end) and records the terminal event.
     fn finish(&mut self, end: End) -> Result<()> {
         if let Some(future) = self.future.take() {
-            catch_unwind(AssertUnwindSafe(move || drop(future)))
-                .map_err(|panic| ReplayError::Panic { message: panic_message(&*panic) })?;
+            catch_unwind(AssertUnwindSafe(move || drop(future))).map_err(|panic| {
+                ReplayError::Panic {
+                    message: panic_message(&*panic),
+                }
+            })?;
         }
         let mut state = lock(&self.state);
         let parent = state.parent.clone();
         let (kind, status, report) = match end {
             End::Completed(output) => (
-                EventKind::ExecutionCompleted { output: output.clone() },
-                ExecutionState::Completed { output: output.clone() },
+                EventKind::ExecutionCompleted {
+                    output: output.clone(),
+                },
+                ExecutionState::Completed {
+                    output: output.clone(),
+                },
                 Some(Ok(output)),
             ),
             End::Failed(failure) => (
-                EventKind::ExecutionFailed { failure: failure.clone() },
-                ExecutionState::Failed { failure: failure.clone() },
+                EventKind::ExecutionFailed {
+                    failure: failure.clone(),
+                },
+                ExecutionState::Failed {
+                    failure: failure.clone(),
+                },
                 Some(Err(failure)),
             ),
             End::Cancelled(reason) => {
-                let failure = Failure::new(Failure::CANCELLED, format!("cancelled: {reason}")).retryable(false);
+                let failure = Failure::new(Failure::CANCELLED, format!("cancelled: {reason}"))
+                    .retryable(false);
                 (
-                    EventKind::ExecutionCancelled { reason: reason.clone() },
+                    EventKind::ExecutionCancelled {
+                        reason: reason.clone(),
+                    },
                     ExecutionState::Cancelled { reason },
                     Some(Err(failure)),
                 )
             }
             End::ContinuedAsNew(input) => {
                 let signals = state.unconsumed_signals();
-                (EventKind::ContinuedAsNew { input: input.clone() }, ExecutionState::ContinuedAsNew { input, signals }, None)
+                (
+                    EventKind::ContinuedAsNew {
+                        input: input.clone(),
+                    },
+                    ExecutionState::ContinuedAsNew { input, signals },
+                    None,
+                )
             }
         };
-        let command = parent.zip(report).map(|(parent, outcome)| Command::ReportToParent { parent, outcome });
+        let command = parent
+            .zip(report)
+            .map(|(parent, outcome)| Command::ReportToParent { parent, outcome });
         state.issue(kind, |_| command);
         if let Some(error) = state.error.take() {
             return Err(error);

@@ -41,7 +41,10 @@ where
     Out: Serialize + Send + 'static,
     E: Into<Failure> + Send + 'static,
 {
-    TypedOrchestration { f, _types: PhantomData }
+    TypedOrchestration {
+        f,
+        _types: PhantomData,
+    }
 }
 
 /// A typed orchestration function; see [`from_fn`].
@@ -52,7 +55,9 @@ pub struct TypedOrchestration<F, In, Out, E> {
 
 impl<F, In, Out, E> std::fmt::Debug for TypedOrchestration<F, In, Out, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TypedOrchestration").field("input", &std::any::type_name::<In>()).finish_non_exhaustive()
+        f.debug_struct("TypedOrchestration")
+            .field("input", &std::any::type_name::<In>())
+            .finish_non_exhaustive()
     }
 }
 

@@ -177,7 +177,10 @@ impl State {
                 }
             } else {
                 self.position += 1;
-                return self.expected.pop_front().map_or(Issued::Diverged, |e| Issued::Replayed(e.kind));
+                return self
+                    .expected
+                    .pop_front()
+                    .map_or(Issued::Diverged, |e| Issued::Replayed(e.kind));
             };
             self.fail(error);
             return Issued::Diverged;
@@ -185,14 +188,23 @@ impl State {
         if let Some(command) = command(&draft) {
             self.commands.push(command);
         }
-        self.new_events.push(Event { at: self.turn_time, kind: draft });
+        self.new_events.push(Event {
+            at: self.turn_time,
+            kind: draft,
+        });
         self.position += 1;
         Issued::Live
     }
 
     /// Starts waiting on an operation the code just issued.
     pub(crate) fn open_slot(&mut self, op: OpId, kind: OpKind, waker: &Waker) {
-        self.ops.insert(op, Slot { kind, state: SlotState::Waiting(Some(waker.clone())) });
+        self.ops.insert(
+            op,
+            Slot {
+                kind,
+                state: SlotState::Waiting(Some(waker.clone())),
+            },
+        );
     }
 
     /// Whether `op` is an operation of `kind` still waiting for its outcome: only then is
@@ -210,9 +222,15 @@ impl State {
         kind: fn(&OpKind) -> bool,
         resolution: Resolution,
     ) -> Result<(), String> {
-        let slot = self.ops.get_mut(&op).ok_or_else(|| format!("operation {op} is not outstanding"))?;
+        let slot = self
+            .ops
+            .get_mut(&op)
+            .ok_or_else(|| format!("operation {op} is not outstanding"))?;
         if !kind(&slot.kind) {
-            return Err(format!("operation {op} is a {:?}, not the kind this event completes", slot.kind));
+            return Err(format!(
+                "operation {op} is a {:?}, not the kind this event completes",
+                slot.kind
+            ));
         }
         match std::mem::replace(&mut slot.state, SlotState::Resolved(resolution)) {
             SlotState::Waiting(waker) => {
@@ -245,7 +263,9 @@ impl State {
     /// An operation's future was dropped. If it was still waiting, the operation is
     /// cancelled: recorded, and a cancel command issued.
     pub(crate) fn drop_slot(&mut self, op: OpId) {
-        let Some(slot) = self.ops.remove(&op) else { return };
+        let Some(slot) = self.ops.remove(&op) else {
+            return;
+        };
         if self.detached || !matches!(slot.state, SlotState::Waiting(_)) {
             return;
         }
@@ -261,8 +281,17 @@ impl State {
 
     /// Operations and signal waits the orchestration is waiting on.
     pub(crate) fn outstanding(&self) -> usize {
-        let ops = self.ops.values().filter(|s| matches!(s.state, SlotState::Waiting(_))).count();
-        let waits = self.signals.waiters.values().filter(|w| w.value.is_none()).count();
+        let ops = self
+            .ops
+            .values()
+            .filter(|s| matches!(s.state, SlotState::Waiting(_)))
+            .count();
+        let waits = self
+            .signals
+            .waiters
+            .values()
+            .filter(|w| w.value.is_none())
+            .count();
         ops + waits
     }
 
@@ -279,7 +308,10 @@ impl State {
         let answer = if self.expected.is_empty() || recorded_here {
             let op = self.next_op();
             let change_id = change_id.to_owned();
-            !matches!(self.issue(EventKind::Patched { op, change_id }, |_| None), Issued::Diverged)
+            !matches!(
+                self.issue(EventKind::Patched { op, change_id }, |_| None),
+                Issued::Diverged
+            )
         } else {
             false
         };
@@ -333,8 +365,19 @@ impl State {
         }
         let id = signals.next_waiter;
         signals.next_waiter += 1;
-        signals.waiters.insert(id, Waiter { name: name.to_owned(), waker: Some(waker.clone()), value: None });
-        signals.waiting.entry(name.to_owned()).or_default().push_back(id);
+        signals.waiters.insert(
+            id,
+            Waiter {
+                name: name.to_owned(),
+                waker: Some(waker.clone()),
+                value: None,
+            },
+        );
+        signals
+            .waiting
+            .entry(name.to_owned())
+            .or_default()
+            .push_back(id);
         *waiter = Some(id);
         None
     }
@@ -342,7 +385,9 @@ impl State {
     /// A signal wait was dropped: a signal it held but never returned goes to the next
     /// wait, or back to the buffer, so that every signal is consumed exactly once.
     pub(crate) fn drop_signal_wait(&mut self, id: u64) {
-        let Some(waiter) = self.signals.waiters.remove(&id) else { return };
+        let Some(waiter) = self.signals.waiters.remove(&id) else {
+            return;
+        };
         if let Some(queue) = self.signals.waiting.get_mut(&waiter.name) {
             queue.retain(|w| *w != id);
         }
@@ -360,7 +405,9 @@ impl State {
             .flat_map(|(name, queue)| queue.into_iter().map(move |(a, p)| (a, name.clone(), p)))
             .collect();
         all.sort_unstable_by_key(|(arrival, _, _)| *arrival);
-        all.into_iter().map(|(_, name, payload)| (name, payload)).collect()
+        all.into_iter()
+            .map(|(_, name, payload)| (name, payload))
+            .collect()
     }
 }
 
@@ -383,9 +430,10 @@ fn recorded_op(kind: &EventKind) -> Option<OpId> {
 fn same_command(recorded: &EventKind, issued: &EventKind) -> bool {
     let details_match = match (recorded, issued) {
         (EventKind::OpCancelled { op: a, .. }, EventKind::OpCancelled { op: b, .. }) => a == b,
-        (EventKind::SideEffectRecorded { value: a, .. }, EventKind::SideEffectRecorded { value: b, .. }) => {
-            std::mem::discriminant(a) == std::mem::discriminant(b)
-        }
+        (
+            EventKind::SideEffectRecorded { value: a, .. },
+            EventKind::SideEffectRecorded { value: b, .. },
+        ) => std::mem::discriminant(a) == std::mem::discriminant(b),
         _ => true,
     };
     recorded.name() == issued.name()
