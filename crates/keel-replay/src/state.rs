@@ -92,6 +92,8 @@ pub(crate) struct State {
     pub(crate) parent: Option<ParentLink>,
     next_op: u64,
     ops: HashMap<OpId, Slot>,
+    /// Hash maps here are only looked up, never iterated where order could decide
+    /// anything, so their random seeds cannot make replay diverge.
     signals: Signals,
     patches: HashMap<String, bool>,
     /// The rest of the stored history being replayed.
