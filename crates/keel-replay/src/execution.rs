@@ -503,3 +503,23 @@ impl Drop for Execution {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{ActivityCall, ChildCall, SignalWait, Timer};
+
+    fn is_send<T: Send>() {}
+    fn is_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn executions_and_futures_can_move_between_threads() {
+        // A worker caches live executions and runs their turns on any thread.
+        is_send::<Execution>();
+        is_send_sync::<OrchestrationContext>();
+        is_send::<ActivityCall<u32>>();
+        is_send::<ChildCall<u32>>();
+        is_send::<SignalWait<u32>>();
+        is_send::<Timer>();
+    }
+}
