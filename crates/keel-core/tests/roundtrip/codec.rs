@@ -11,10 +11,14 @@ use proptest::sample::{Index, select};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::strategies::{Sample, compress_above, format, large_text, sample, text};
+use crate::strategies::{Sample, compress_above, finite_f64, format, large_text, sample, text};
 
 fn other(format: Format) -> Format {
-    if format == Format::Json { Format::Postcard } else { Format::Json }
+    if format == Format::Json {
+        Format::Postcard
+    } else {
+        Format::Json
+    }
 }
 
 fn fail(e: impl ToString) -> TestCaseError {
@@ -33,20 +37,32 @@ where
     let p = plain.encode(value).map_err(fail)?;
     prop_assert!(!p.is_compressed());
     prop_assert_eq!(p.format(), format);
-    prop_assert_eq!(&plain.encode(value).map_err(fail)?, &p, "encoding is deterministic");
+    prop_assert_eq!(
+        &plain.encode(value).map_err(fail)?,
+        &p,
+        "encoding is deterministic"
+    );
     // The body is exactly the format's own encoding, after the one-byte header.
     match format {
         Format::Json => {
             let text = serde_json::to_string(value).map_err(fail)?;
             prop_assert_eq!(p.as_json_text(), Some(text.as_str()));
         }
-        _ => prop_assert_eq!(&p.as_bytes()[1..], &postcard::to_stdvec(value).map_err(fail)?[..]),
+        _ => prop_assert_eq!(
+            &p.as_bytes()[1..],
+            &postcard::to_stdvec(value).map_err(fail)?[..]
+        ),
     }
 
     let c = eager.encode(value).map_err(fail)?;
     prop_assert_eq!(c.format(), format);
     if c.is_compressed() {
-        prop_assert!(c.len() < p.len(), "compressed {} >= plain {}", c.len(), p.len());
+        prop_assert!(
+            c.len() < p.len(),
+            "compressed {} >= plain {}",
+            c.len(),
+            p.len()
+        );
         prop_assert_eq!(c.as_json_text(), None);
     } else {
         // Compression is kept only when it pays; otherwise the bytes are the plain ones.
@@ -97,8 +113,13 @@ fn payload_bytes() -> impl Strategy<Value = Vec<u8>> {
             let wrong = serde_json::json!({ "name": t, "count": -1 });
             [vec![0x01], wrong.to_string().into_bytes()].concat()
         }),
-        (sample(), format(), compress_above(), vec(any::<Index>(), 1..4)).prop_map(
-            |(value, format, above, flips)| {
+        (
+            sample(),
+            format(),
+            compress_above(),
+            vec(any::<Index>(), 1..4)
+        )
+            .prop_map(|(value, format, above, flips)| {
                 let codec = Codec::new(format).compress_above(above);
                 let mut bytes = codec.encode(&value).expect("encodes").into_bytes();
                 for flip in flips {
@@ -106,8 +127,7 @@ fn payload_bytes() -> impl Strategy<Value = Vec<u8>> {
                     bytes[bit / 8] ^= 1 << (bit % 8);
                 }
                 bytes
-            }
-        ),
+            }),
     ]
 }
 
@@ -130,6 +150,23 @@ proptest! {
         format in format(),
     ) {
         assert_codec_round_trips(&value, format)?;
+    }
+
+    /// User values hold floats too: every finite `f64` must come back bit for bit
+    /// (compared by bits, so that -0.0 is told from 0.0).
+    #[test]
+    fn floats_round_trip_in_both_formats(
+        value in vec(finite_f64(), 1..4),
+        format in format(),
+    ) {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for above in [usize::MAX, 0] {
+            let payload = Codec::new(format).compress_above(above).encode(&value).map_err(fail)?;
+            for reader in [Codec::new(Format::Json), Codec::new(Format::Postcard)] {
+                let back: Vec<f64> = reader.decode(&payload).map_err(fail)?;
+                prop_assert_eq!(bits(&back), bits(&value), "{:?} read back as {:?}", value, back);
+            }
+        }
     }
 
     /// Encoding a value over `max_size` is refused with both numbers; exactly at the

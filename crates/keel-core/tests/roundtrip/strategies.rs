@@ -80,8 +80,10 @@ fn id_text(max: usize) -> impl Strategy<Value = String> + Clone {
     ]
 }
 
-pub(crate) fn instance_id() -> impl Strategy<Value = InstanceId> + Clone {
-    id_text(InstanceId::MAX_LEN).prop_map(|s| InstanceId::new(s).expect("a valid instance id"))
+pub(crate) fn instance_id() -> BoxedStrategy<InstanceId> {
+    id_text(InstanceId::MAX_LEN)
+        .prop_map(|s| InstanceId::new(s).expect("a valid instance id"))
+        .boxed()
 }
 
 pub(crate) fn queue_name() -> impl Strategy<Value = QueueName> + Clone {
@@ -104,7 +106,7 @@ pub(crate) fn op_id() -> impl Strategy<Value = OpId> + Clone {
 
 pub(crate) fn timestamp() -> impl Strategy<Value = Timestamp> + Clone {
     prop_oneof![
-        Just(Timestamp::EPOCH),
+        Just(0),
         1_700_000_000_000..1_900_000_000_000_u64,
         any::<u64>(),
     ]
@@ -174,7 +176,7 @@ pub(crate) fn shape() -> impl Strategy<Value = Shape> + Clone {
 }
 
 prop_compose! {
-    pub(crate) fn sample()(
+    fn sample_unboxed()(
         name in text(),
         count in any::<u64>(),
         delta in any::<i64>(),
@@ -188,6 +190,10 @@ prop_compose! {
     ) -> Sample {
         Sample { name, count, delta, big, flag, tags, attrs, note, bytes, shape }
     }
+}
+
+pub(crate) fn sample() -> BoxedStrategy<Sample> {
+    sample_unboxed().boxed()
 }
 
 pub(crate) fn format() -> impl Strategy<Value = Format> + Clone {
@@ -209,7 +215,7 @@ pub(crate) fn large_text(len: std::ops::Range<usize>) -> impl Strategy<Value = S
 }
 
 /// Payloads as a `Codec` makes them, in both formats, compressed and not.
-pub(crate) fn payload() -> impl Strategy<Value = Payload> + Clone {
+pub(crate) fn payload() -> BoxedStrategy<Payload> {
     fn encode<T: Serialize>(format: Format, above: usize, value: &T) -> Payload {
         let codec = Codec::new(format).compress_above(above);
         codec.encode(value).expect("the sample values encode")
@@ -225,6 +231,7 @@ pub(crate) fn payload() -> impl Strategy<Value = Payload> + Clone {
         // Large and kept uncompressed.
         1 => (format(), large_text(300..600)).prop_map(|(f, v)| encode(f, usize::MAX, &v)),
     ]
+    .boxed()
 }
 
 pub(crate) fn failure_kind() -> impl Strategy<Value = String> + Clone {
@@ -234,6 +241,7 @@ pub(crate) fn failure_kind() -> impl Strategy<Value = String> + Clone {
             Failure::TIMEOUT,
             Failure::CANCELLED,
             Failure::DECODE,
+            Failure::ENCODE,
             Failure::UNREGISTERED,
         ][..])
         .prop_map(str::to_owned),
@@ -242,7 +250,7 @@ pub(crate) fn failure_kind() -> impl Strategy<Value = String> + Clone {
 }
 
 prop_compose! {
-    pub(crate) fn failure()(
+    fn failure_unboxed()(
         kind in failure_kind(),
         message in text(),
         causes in prop_oneof![Just(Vec::new()), vec(text(), 1..4)],
@@ -253,14 +261,36 @@ prop_compose! {
     }
 }
 
+pub(crate) fn failure() -> BoxedStrategy<Failure> {
+    failure_unboxed().boxed()
+}
+
+/// Finite `f64`s whose shortest decimal form serde_json reads back exactly even
+/// without its `float_roundtrip` feature: up to seven significant digits, zeros of both
+/// signs, and the extremes.
+///
+/// Composite records (`ActivityOptions`, and the events and work items holding one)
+/// draw their policies' numbers from here, so that a float read back one ulp off
+/// cannot hide whatever else their round trips would catch. Every finite `f64` is the
+/// business of `records::retry_policies_round_trip` and
+/// `codec::floats_round_trip_in_both_formats`.
+pub(crate) fn decimal_f64() -> impl Strategy<Value = f64> + Clone {
+    prop_oneof![
+        4 => (-9_999_999..=9_999_999_i32, 0..=6_i32)
+            .prop_map(|(m, k)| f64::from(m) / 10_f64.powi(k)),
+        1 => select(&[0.0, -0.0, f64::MAX, f64::MIN_POSITIVE, 5e-324, 1e300, f64::EPSILON][..]),
+    ]
+}
+
 prop_compose! {
-    /// Any policy the types allow, valid or not (`validate` is not the codec's job).
-    pub(crate) fn retry_policy()(
+    /// Any policy the types allow, valid or not (`validate` is not the codec's job),
+    /// with its two floats drawn from `floats`.
+    fn retry_policy_unboxed(floats: BoxedStrategy<f64>)(
         max_attempts in any::<u32>(),
         initial_interval in duration(),
-        multiplier in finite_f64(),
+        multiplier in floats.clone(),
         max_interval in duration(),
-        jitter in finite_f64(),
+        jitter in floats,
         non_retryable in vec(text(), 0..3),
         attempt_timeout in option::of(duration()),
     ) -> RetryPolicy {
@@ -276,9 +306,19 @@ prop_compose! {
     }
 }
 
+/// Any policy, its floats any finite `f64`.
+pub(crate) fn retry_policy() -> BoxedStrategy<RetryPolicy> {
+    retry_policy_unboxed(finite_f64().boxed()).boxed()
+}
+
+/// Any policy, its floats from [`decimal_f64`].
+pub(crate) fn decimal_retry_policy() -> BoxedStrategy<RetryPolicy> {
+    retry_policy_unboxed(decimal_f64().boxed()).boxed()
+}
+
 prop_compose! {
     /// Policies that `validate` accepts, from everyday ones to extreme but legal ones.
-    pub(crate) fn valid_retry_policy()(
+    fn valid_retry_policy_unboxed()(
         max_attempts in prop_oneof![1..10_u32, 1..=u32::MAX],
         a in duration(),
         b in duration(),
@@ -299,12 +339,16 @@ prop_compose! {
     }
 }
 
+pub(crate) fn valid_retry_policy() -> BoxedStrategy<RetryPolicy> {
+    valid_retry_policy_unboxed().boxed()
+}
+
 pub(crate) fn instance_status() -> impl Strategy<Value = InstanceStatus> + Clone {
     select(InstanceStatus::ALL.to_vec())
 }
 
 prop_compose! {
-    pub(crate) fn parent_link()(
+    fn parent_link_unboxed()(
         instance in instance_id(),
         execution in execution_id(),
         op in op_id(),
@@ -313,14 +357,22 @@ prop_compose! {
     }
 }
 
+pub(crate) fn parent_link() -> BoxedStrategy<ParentLink> {
+    parent_link_unboxed().boxed()
+}
+
 prop_compose! {
-    pub(crate) fn activity_options()(
+    fn activity_options_unboxed()(
         queue in queue_name(),
         priority in any::<i32>(),
-        retry in prop_oneof![Just(RetryPolicy::default()), retry_policy()],
+        retry in prop_oneof![Just(RetryPolicy::default()), decimal_retry_policy()],
     ) -> ActivityOptions {
         ActivityOptions { queue, priority, retry }
     }
+}
+
+pub(crate) fn activity_options() -> BoxedStrategy<ActivityOptions> {
+    activity_options_unboxed().boxed()
 }
 
 pub(crate) fn side_effect() -> impl Strategy<Value = SideEffect> + Clone {
@@ -342,14 +394,14 @@ pub(crate) fn event_kind() -> BoxedStrategy<EventKind> {
                 parent
             }
         ),
-        (op_id(), text(), payload(), activity_options()).prop_map(
-            |(op, name, input, options)| EventKind::ActivityScheduled {
+        (op_id(), text(), payload(), activity_options()).prop_map(|(op, name, input, options)| {
+            EventKind::ActivityScheduled {
                 op,
                 name,
                 input,
-                options
+                options,
             }
-        ),
+        }),
         (op_id(), payload()).prop_map(|(op, output)| EventKind::ActivityCompleted { op, output }),
         (op_id(), failure()).prop_map(|(op, failure)| EventKind::ActivityFailed { op, failure }),
         (op_id(), timestamp()).prop_map(|(op, fire_at)| EventKind::TimerCreated { op, fire_at }),
@@ -372,8 +424,7 @@ pub(crate) fn event_kind() -> BoxedStrategy<EventKind> {
             }),
         (op_id(), payload()).prop_map(|(op, output)| EventKind::ChildCompleted { op, output }),
         (op_id(), failure()).prop_map(|(op, failure)| EventKind::ChildFailed { op, failure }),
-        (text(), payload())
-            .prop_map(|(name, payload)| EventKind::SignalReceived { name, payload }),
+        (text(), payload()).prop_map(|(name, payload)| EventKind::SignalReceived { name, payload }),
         (op_id(), side_effect())
             .prop_map(|(op, value)| EventKind::SideEffectRecorded { op, value }),
         (op_id(), option::of(payload()))
@@ -390,13 +441,17 @@ pub(crate) fn event_kind() -> BoxedStrategy<EventKind> {
 }
 
 prop_compose! {
-    pub(crate) fn event()(at in timestamp(), kind in event_kind()) -> Event {
+    fn event_unboxed()(at in timestamp(), kind in event_kind()) -> Event {
         Event { at, kind }
     }
 }
 
-pub(crate) fn outcome() -> impl Strategy<Value = Outcome> + Clone {
-    prop_oneof![payload().prop_map(Ok), failure().prop_map(Err)]
+pub(crate) fn event() -> BoxedStrategy<Event> {
+    event_unboxed().boxed()
+}
+
+pub(crate) fn outcome() -> BoxedStrategy<Outcome> {
+    prop_oneof![payload().prop_map(Ok), failure().prop_map(Err)].boxed()
 }
 
 /// Every one of the 6 variants, equally likely.
@@ -417,12 +472,19 @@ pub(crate) fn message() -> BoxedStrategy<Message> {
                 parent
             }),
         (execution_id(), op_id(), outcome()).prop_map(|(execution, op, outcome)| {
-            Message::ActivityDone { execution, op, outcome }
+            Message::ActivityDone {
+                execution,
+                op,
+                outcome,
+            }
         }),
-        (execution_id(), op_id())
-            .prop_map(|(execution, op)| Message::TimerFired { execution, op }),
+        (execution_id(), op_id()).prop_map(|(execution, op)| Message::TimerFired { execution, op }),
         (execution_id(), op_id(), outcome()).prop_map(|(execution, op, outcome)| {
-            Message::ChildDone { execution, op, outcome }
+            Message::ChildDone {
+                execution,
+                op,
+                outcome,
+            }
         }),
         (text(), payload()).prop_map(|(name, payload)| Message::Signal { name, payload }),
         text().prop_map(|reason| Message::Cancel { reason }),
@@ -431,7 +493,7 @@ pub(crate) fn message() -> BoxedStrategy<Message> {
 }
 
 prop_compose! {
-    pub(crate) fn work_item()(
+    fn work_item_unboxed()(
         instance in instance_id(),
         execution in execution_id(),
         op in op_id(),
@@ -443,4 +505,8 @@ prop_compose! {
     ) -> WorkItem {
         WorkItem { instance, execution, op, name, input, options, attempt, scheduled_at }
     }
+}
+
+pub(crate) fn work_item() -> BoxedStrategy<WorkItem> {
+    work_item_unboxed().boxed()
 }
