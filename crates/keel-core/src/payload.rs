@@ -267,7 +267,11 @@ impl Serialize for Payload {
             .as_json_text()
             .map(|t| serde_json::value::RawValue::from_string(t.to_owned()))
         {
-            Some(Ok(raw)) => Readable::Json(raw),
+            // RawValue trims surrounding whitespace; such text would not round-trip
+            // byte for byte, so it is shown as hex.
+            Some(Ok(raw)) if Some(raw.get().len()) == self.as_json_text().map(str::len) => {
+                Readable::Json(raw)
+            }
             _ => Readable::Hex(self.0.iter().map(|b| format!("{b:02x}")).collect()),
         };
         readable.serialize(serializer)

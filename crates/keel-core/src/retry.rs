@@ -96,12 +96,19 @@ impl RetryPolicy {
     pub fn next_delay(&self, attempt: u32, seed: u64) -> Duration {
         let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
         let max = self.max_interval.as_secs_f64();
-        let base = (self.initial_interval.as_secs_f64() * self.multiplier.powi(exponent)).min(max);
+        let initial = self.initial_interval.as_secs_f64();
+        // 0 x inf is NaN: a zero interval stays zero however far the power overflows.
+        let base = if initial == 0.0 {
+            0.0
+        } else {
+            (initial * self.multiplier.powi(exponent)).min(max)
+        };
         let mut rng =
             SplitMix64::new(seed ^ u64::from(attempt).wrapping_mul(0xA24B_AED4_963E_E407));
         let spread = self.jitter.clamp(0.0, 1.0) * 2.0f64.mul_add(rng.next_f64(), -1.0);
         let delay = (base * (1.0 + spread)).clamp(0.0, max);
-        Duration::try_from_secs_f64(delay).unwrap_or(self.max_interval)
+        // The f64 round trip can land a hair past the cap on long intervals.
+        Duration::try_from_secs_f64(delay).map_or(self.max_interval, |d| d.min(self.max_interval))
     }
 
     /// Whether to retry after attempt `attempt` (1-based) failed with `failure`.

@@ -55,8 +55,8 @@ pub enum ReplayError {
         /// What the code did instead: a command, or none.
         issued: Option<EventSummary>,
     },
-    /// The code issued a command past the end of a finished execution's history, or a
-    /// command where the history holds an input event.
+    /// The code issued a command the history does not have: past the end of the stored
+    /// history, or where the history holds an input event.
     #[error(
         "nondeterminism at history event {position}: the code issued {issued}, which the history does not have"
     )]
