@@ -265,23 +265,6 @@ pub(crate) fn failure() -> BoxedStrategy<Failure> {
     failure_unboxed().boxed()
 }
 
-/// Finite `f64`s whose shortest decimal form serde_json reads back exactly even
-/// without its `float_roundtrip` feature: up to seven significant digits, zeros of both
-/// signs, and the extremes.
-///
-/// Composite records (`ActivityOptions`, and the events and work items holding one)
-/// draw their policies' numbers from here, so that a float read back one ulp off
-/// cannot hide whatever else their round trips would catch. Every finite `f64` is the
-/// business of `records::retry_policies_round_trip` and
-/// `codec::floats_round_trip_in_both_formats`.
-pub(crate) fn decimal_f64() -> impl Strategy<Value = f64> + Clone {
-    prop_oneof![
-        4 => (-9_999_999..=9_999_999_i32, 0..=6_i32)
-            .prop_map(|(m, k)| f64::from(m) / 10_f64.powi(k)),
-        1 => select(&[0.0, -0.0, f64::MAX, f64::MIN_POSITIVE, 5e-324, 1e300, f64::EPSILON][..]),
-    ]
-}
-
 prop_compose! {
     /// Any policy the types allow, valid or not (`validate` is not the codec's job),
     /// with its two floats drawn from `floats`.
@@ -309,11 +292,6 @@ prop_compose! {
 /// Any policy, its floats any finite `f64`.
 pub(crate) fn retry_policy() -> BoxedStrategy<RetryPolicy> {
     retry_policy_unboxed(finite_f64().boxed()).boxed()
-}
-
-/// Any policy, its floats from [`decimal_f64`].
-pub(crate) fn decimal_retry_policy() -> BoxedStrategy<RetryPolicy> {
-    retry_policy_unboxed(decimal_f64().boxed()).boxed()
 }
 
 prop_compose! {
@@ -365,7 +343,7 @@ prop_compose! {
     fn activity_options_unboxed()(
         queue in queue_name(),
         priority in any::<i32>(),
-        retry in prop_oneof![Just(RetryPolicy::default()), decimal_retry_policy()],
+        retry in prop_oneof![Just(RetryPolicy::default()), retry_policy()],
     ) -> ActivityOptions {
         ActivityOptions { queue, priority, retry }
     }
