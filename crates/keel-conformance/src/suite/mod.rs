@@ -1,0 +1,14 @@
+//! The behaviours, one module per area. Each area module holds plain `async fn(TestStore)`
+//! tests and a `__conformance_<area>!` macro listing them; [`provider_tests!`](crate::provider_tests)
+//! stamps every area.
+
+pub mod creation;
+
+/// Stamps every area. Add a new area here.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __all_areas {
+    ($factory:expr) => {
+        $crate::__conformance_creation!($factory);
+    };
+}
