@@ -66,3 +66,249 @@ pub fn ack_all(work: &OrchestrationWork) -> Ack {
 
 /// The first execution.
 pub const FIRST: ExecutionId = ExecutionId::FIRST;
+
+// ---------------------------------------------------------------------------------------
+// Helpers of the activities, limits, dead letters, control, management, wake-ups,
+// corruption and model areas. Kept in their own module, with their own imports, so that
+// the blocks of other areas can grow without touching them.
+// ---------------------------------------------------------------------------------------
+
+pub use work::{
+    LEASE, activity, complete, expect_kind, fetch_instance, lease, lease_queues, messages_for,
+    provider_now, queue, run_turn, running, schedule, tick,
+};
+
+mod work {
+    use std::time::Duration;
+
+    use keel_core::{
+        ActivityOptions, Event, EventKind, ExecutionId, InstanceId, Message, OpId, Outcome,
+        QueueName, Timestamp, WorkItem,
+    };
+    use keel_provider::{
+        Ack, ActivityCompletion, Created, ErrorKind, FetchActivities, FetchOrchestrations,
+        LeaseToken, LeasedWorkItem, OnConflict, OrchestrationWork, Provider, ProviderError,
+        Result,
+    };
+
+    use super::{id, new_instance, payload, signal};
+    use crate::TestStore;
+
+    /// The lease time tests use when they do not test leases.
+    pub const LEASE: Duration = Duration::from_secs(60);
+
+    /// The unit of time of tests of expiry and delays: a second on a manual clock; a
+    /// quarter of a second of real time otherwise, so that those tests stay short.
+    pub fn tick(store: &TestStore) -> Duration {
+        if store.has_manual_clock() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(250)
+        }
+    }
+
+    /// The provider's "now", panicking if it cannot say.
+    pub async fn provider_now(provider: &dyn Provider) -> Timestamp {
+        provider.now().await.expect("the provider reads its clock")
+    }
+
+    /// A queue name, panicking on a bad literal.
+    pub fn queue(name: &str) -> QueueName {
+        QueueName::new(name).expect("test queue names are valid")
+    }
+
+    /// Attempt 1 of activity `name` for operation `op` of `instance`'s first execution,
+    /// with input `{"op": op}`, default options, scheduled at `at`.
+    pub fn activity(instance: &str, op: u64, name: &str, at: Timestamp) -> WorkItem {
+        WorkItem {
+            instance: id(instance),
+            execution: ExecutionId::FIRST,
+            op: OpId::from_raw(op),
+            name: name.to_owned(),
+            input: payload(&serde_json::json!({ "op": op })),
+            options: ActivityOptions::default(),
+            attempt: 1,
+            scheduled_at: at,
+        }
+    }
+
+    /// Fetches `instance`'s work under a lock, leaving every other instance as it was
+    /// (their locks are abandoned with no delay). `None` when it has nothing visible.
+    pub async fn fetch_instance(
+        provider: &dyn Provider,
+        instance: &InstanceId,
+    ) -> Option<OrchestrationWork> {
+        let max = provider.capabilities().max_fetch_instances.max(1);
+        let mut mine = None;
+        let mut others = Vec::new();
+        loop {
+            let batch = provider
+                .fetch_orchestrations(FetchOrchestrations {
+                    max_instances: max,
+                    lock_for: LEASE,
+                    with_history: true,
+                })
+                .await
+                .expect("fetch succeeds");
+            if batch.is_empty() {
+                break;
+            }
+            for work in batch {
+                if work.lock.instance() == instance {
+                    mine = Some(work);
+                } else {
+                    others.push(work.lock);
+                }
+            }
+            if mine.is_some() {
+                break;
+            }
+        }
+        for lock in others {
+            provider
+                .abandon_lock(&lock, Duration::ZERO)
+                .await
+                .expect("abandoning a held lock succeeds");
+        }
+        mine
+    }
+
+    /// The messages visible for `instance` now, oldest first; its lock is abandoned
+    /// again at once.
+    pub async fn messages_for(provider: &dyn Provider, instance: &InstanceId) -> Vec<Message> {
+        let Some(work) = fetch_instance(provider, instance).await else {
+            return Vec::new();
+        };
+        provider
+            .abandon_lock(&work.lock, Duration::ZERO)
+            .await
+            .expect("abandoning a held lock succeeds");
+        work.messages.into_iter().map(|m| m.message).collect()
+    }
+
+    /// Runs one turn of `instance`, which must have visible messages: `build` makes the
+    /// ack from the fetched work; returns that ack's own result.
+    pub async fn run_turn(
+        provider: &dyn Provider,
+        instance: &InstanceId,
+        build: impl FnOnce(&OrchestrationWork) -> Ack,
+    ) -> Result<()> {
+        let work = fetch_instance(provider, instance)
+            .await
+            .unwrap_or_else(|| panic!("instance {instance} has no visible messages"));
+        let ack = build(&work);
+        let mut results = provider
+            .ack_turns(vec![ack])
+            .await
+            .expect("the ack call itself succeeds");
+        assert_eq!(results.len(), 1, "one result per ack");
+        results.remove(0)
+    }
+
+    /// Creates `instance` unless it exists (signalling it if it does, so that it has a
+    /// turn to run), then runs a turn that consumes its messages, records its start on
+    /// the first turn and schedules `items`, each recorded as `ActivityScheduled`.
+    pub async fn schedule(provider: &dyn Provider, instance: &str, items: Vec<WorkItem>) -> InstanceId {
+        let instance_id = id(instance);
+        let created = provider
+            .create_instance(new_instance(instance), OnConflict::ReturnExisting)
+            .await
+            .expect("create succeeds");
+        if let Created::Existing(_) = created {
+            provider
+                .send_message(&instance_id, signal("schedule", 0), None)
+                .await
+                .expect("send succeeds");
+        }
+        let at = provider_now(provider).await;
+        run_turn(provider, &instance_id, |work| {
+            let mut ack = Ack::new(
+                work.lock.clone(),
+                work.messages.iter().map(|m| m.id).collect(),
+            );
+            if work.history_len == 0 {
+                ack.version = Some(1);
+                ack.events.push(Event {
+                    at,
+                    kind: EventKind::ExecutionStarted {
+                        name: "test".to_owned(),
+                        version: 1,
+                        input: payload(&serde_json::json!({"n": 1})),
+                        parent: None,
+                    },
+                });
+            }
+            ack.events.extend(items.iter().map(|item| Event {
+                at,
+                kind: EventKind::ActivityScheduled {
+                    op: item.op,
+                    name: item.name.clone(),
+                    input: item.input.clone(),
+                    options: item.options.clone(),
+                },
+            }));
+            ack.activities = items;
+            ack
+        })
+        .await
+        .expect("the scheduling turn acks");
+        instance_id
+    }
+
+    /// Creates `instance` and runs its first turn: it is then Running, with nothing
+    /// queued.
+    pub async fn running(provider: &dyn Provider, instance: &str) -> InstanceId {
+        schedule(provider, instance, Vec::new()).await
+    }
+
+    /// Leases up to `max` items of `queues` for `lease_for`.
+    pub async fn lease_queues(
+        provider: &dyn Provider,
+        queues: &[&str],
+        max: usize,
+        lease_for: Duration,
+    ) -> Vec<LeasedWorkItem> {
+        provider
+            .fetch_activities(FetchActivities {
+                queues: queues.iter().map(|q| queue(q)).collect(),
+                max_items: max,
+                lease_for,
+            })
+            .await
+            .expect("activity fetch succeeds")
+    }
+
+    /// Leases up to `max` items of the default queue for [`LEASE`].
+    pub async fn lease(provider: &dyn Provider, max: usize) -> Vec<LeasedWorkItem> {
+        lease_queues(provider, &[QueueName::DEFAULT], max, LEASE).await
+    }
+
+    /// Completes one leased item, returning that completion's own result.
+    pub async fn complete(provider: &dyn Provider, lease: &LeaseToken, outcome: Outcome) -> Result<()> {
+        let mut results = provider
+            .complete_activities(vec![ActivityCompletion {
+                lease: lease.clone(),
+                outcome,
+            }])
+            .await
+            .expect("the completion call itself succeeds");
+        assert_eq!(results.len(), 1, "one result per completion");
+        results.remove(0)
+    }
+
+    /// Asserts that `result` failed with `kind`, and returns the error.
+    #[track_caller]
+    pub fn expect_kind<T: std::fmt::Debug>(
+        result: Result<T>,
+        kind: ErrorKind,
+        what: &str,
+    ) -> ProviderError {
+        match result {
+            Ok(value) => panic!("{what}: expected {kind:?}, got Ok({value:?})"),
+            Err(err) => {
+                assert_eq!(err.kind(), kind, "{what}: {err}");
+                err
+            }
+        }
+    }
+}

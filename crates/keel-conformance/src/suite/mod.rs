@@ -3,6 +3,7 @@
 //! stamps every area.
 
 pub mod creation;
+pub mod activities;
 
 /// Stamps every area. Add a new area here.
 #[doc(hidden)]
@@ -10,5 +11,6 @@ pub mod creation;
 macro_rules! __all_areas {
     ($factory:expr) => {
         $crate::__conformance_creation!($factory);
+        $crate::__conformance_activities!($factory);
     };
 }
