@@ -68,6 +68,197 @@ pub fn ack_all(work: &OrchestrationWork) -> Ack {
 pub const FIRST: ExecutionId = ExecutionId::FIRST;
 
 // ---------------------------------------------------------------------------------------
+// Helpers of the messages, locking, acks, visibility and executions areas.
+// ---------------------------------------------------------------------------------------
+// They live in a module of their own so that their imports cannot clash with the file's.
+
+pub use turn_helpers::*;
+
+mod turn_helpers {
+    use std::time::Duration;
+
+    use keel_core::{
+        ActivityOptions, Codec, Event, EventKind, ExecutionId, InstanceId, Message, OpId, Payload,
+        QueueName, SideEffect, Timestamp, WorkItem,
+    };
+    use keel_provider::{
+        Ack, ErrorKind, FetchActivities, FetchOrchestrations, LeasedWorkItem, OnConflict,
+        OrchestrationWork, Provider, ProviderError,
+    };
+
+    use super::{LOCK, ack_all, fetch, fetch_one, id, new_instance, payload};
+
+    /// A short lock or delay, for tests that wait for it to pass: providers whose
+    /// database owns the clock really wait.
+    pub const SHORT: Duration = Duration::from_secs(1);
+
+    /// Comfortably longer than [`SHORT`].
+    pub const PAST_SHORT: Duration = Duration::from_millis(1_500);
+
+    /// The provider's "now", panicking if it cannot say.
+    pub async fn now(provider: &dyn Provider) -> Timestamp {
+        provider.now().await.expect("the provider reads its clock")
+    }
+
+    /// An event of `kind` recorded at `at`.
+    pub fn event(at: Timestamp, kind: EventKind) -> Event {
+        Event { at, kind }
+    }
+
+    /// The `ExecutionStarted` event matching [`new_instance`]'s start, at version 1.
+    pub fn started_event(at: Timestamp) -> Event {
+        event(
+            at,
+            EventKind::ExecutionStarted {
+                name: "test".to_owned(),
+                version: 1,
+                input: payload(&serde_json::json!({"n": 1})),
+                parent: None,
+            },
+        )
+    }
+
+    /// A history event recording side effect `op` as the random value `value`: small,
+    /// distinct, and easy to tell apart in a history.
+    pub fn marker(at: Timestamp, op: u64, value: u64) -> Event {
+        event(
+            at,
+            EventKind::SideEffectRecorded {
+                op: OpId::from_raw(op),
+                value: SideEffect::Random(value),
+            },
+        )
+    }
+
+    /// Attempt 1 of activity `name` for operation `op` of `instance`'s first execution,
+    /// routed to the default queue.
+    pub fn work_item(instance: &InstanceId, op: u64, name: &str, at: Timestamp) -> WorkItem {
+        WorkItem {
+            instance: instance.clone(),
+            execution: ExecutionId::FIRST,
+            op: OpId::from_raw(op),
+            name: name.to_owned(),
+            input: payload(&serde_json::json!({"op": op})),
+            options: ActivityOptions::default(),
+            attempt: 1,
+            scheduled_at: at,
+        }
+    }
+
+    /// Leases up to `max` items of the default queue for [`LOCK`].
+    pub async fn fetch_activities(provider: &dyn Provider, max: usize) -> Vec<LeasedWorkItem> {
+        provider
+            .fetch_activities(FetchActivities {
+                queues: vec![QueueName::default()],
+                max_items: max,
+                lease_for: LOCK,
+            })
+            .await
+            .expect("activity fetch succeeds")
+    }
+
+    /// Fetches up to `max` instances with their history, locked for `lock_for`.
+    pub async fn fetch_for(
+        provider: &dyn Provider,
+        max: usize,
+        lock_for: Duration,
+    ) -> Vec<OrchestrationWork> {
+        provider
+            .fetch_orchestrations(FetchOrchestrations {
+                max_instances: max,
+                lock_for,
+                with_history: true,
+            })
+            .await
+            .expect("fetch succeeds")
+    }
+
+    /// Asserts that no instance has fetchable work. Locks nothing when it holds.
+    pub async fn assert_nothing_fetchable(provider: &dyn Provider, why: &str) {
+        let work = fetch(provider, 100).await;
+        let ids: Vec<&str> = work.iter().map(|w| w.lock.instance().as_str()).collect();
+        assert!(work.is_empty(), "{why}: fetched {ids:?}");
+    }
+
+    /// Commits one ack, returning its own result.
+    pub async fn ack_one(provider: &dyn Provider, ack: Ack) -> keel_provider::Result<()> {
+        let mut results = provider
+            .ack_turns(vec![ack])
+            .await
+            .expect("the ack call itself succeeds");
+        assert_eq!(results.len(), 1, "one result per ack");
+        results.remove(0)
+    }
+
+    /// Creates `instance` (see [`new_instance`]) and runs its first turn: consumes the start
+    /// message and records [`started_event`]. It is then Running, with a history of one
+    /// event and nothing queued.
+    pub async fn started(provider: &dyn Provider, instance: &str) -> InstanceId {
+        let id = id(instance);
+        provider
+            .create_instance(new_instance(instance), OnConflict::Fail)
+            .await
+            .expect("create succeeds");
+        let work = fetch_one(provider).await;
+        assert_eq!(work.lock.instance(), &id);
+        let mut ack = ack_all(&work);
+        ack.version = Some(1);
+        ack.events = vec![started_event(now(provider).await)];
+        ack_one(provider, ack).await.expect("the first turn acks");
+        id
+    }
+
+    /// Sends `message` to `instance`, visible at once, panicking on failure.
+    pub async fn send(provider: &dyn Provider, instance: &InstanceId, message: Message) {
+        provider
+            .send_message(instance, message, None)
+            .await
+            .expect("send succeeds");
+    }
+
+    /// The numbers of the signals among `work`'s messages, in delivery order.
+    pub fn signal_numbers(work: &OrchestrationWork) -> Vec<i64> {
+        work.messages
+            .iter()
+            .filter_map(|m| match &m.message {
+                Message::Signal { payload, .. } => Codec::default().decode::<i64>(payload).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A payload whose stored size exceeds `limit` bytes. Its body is not valid JSON; that
+    /// does not matter, since providers store payloads as opaque bytes.
+    pub fn oversized_payload(limit: usize) -> Payload {
+        let mut bytes = vec![b'7'; limit.saturating_add(2)];
+        bytes[0] = Codec::default()
+            .encode(&1)
+            .expect("JSON values encode")
+            .as_bytes()[0];
+        Payload::from_bytes(bytes).expect("a JSON header is valid")
+    }
+
+    /// Asserts that `err` is `TooLarge` and that its message names `limit` and a size above it.
+    pub fn assert_too_large(err: &ProviderError, limit: usize) {
+        assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+        let numbers: Vec<u128> = err
+            .message()
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let limit = limit as u128;
+        assert!(
+            numbers.contains(&limit),
+            "the message names the limit {limit}: {err}"
+        );
+        assert!(
+            numbers.iter().any(|&n| n > limit),
+            "the message names the size, above the limit {limit}: {err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Helpers of the activities, limits, dead letters, control, management, wake-ups,
 // corruption and model areas. Kept in their own module, with their own imports, so that
 // the blocks of other areas can grow without touching them.

@@ -3,6 +3,7 @@
 //! stamps every area.
 
 pub mod creation;
+pub mod messages;
 pub mod activities;
 
 /// Stamps every area. Add a new area here.
@@ -11,6 +12,7 @@ pub mod activities;
 macro_rules! __all_areas {
     ($factory:expr) => {
         $crate::__conformance_creation!($factory);
+        $crate::__conformance_messages!($factory);
         $crate::__conformance_activities!($factory);
     };
 }
