@@ -278,8 +278,7 @@ mod work {
     };
     use keel_provider::{
         Ack, ActivityCompletion, Created, ErrorKind, FetchActivities, FetchOrchestrations,
-        LeaseToken, LeasedWorkItem, OnConflict, OrchestrationWork, Provider, ProviderError,
-        Result,
+        LeaseToken, LeasedWorkItem, OnConflict, OrchestrationWork, Provider, ProviderError, Result,
     };
 
     use super::{id, new_instance, payload, signal};
@@ -399,7 +398,11 @@ mod work {
     /// Creates `instance` unless it exists (signalling it if it does, so that it has a
     /// turn to run), then runs a turn that consumes its messages, records its start on
     /// the first turn and schedules `items`, each recorded as `ActivityScheduled`.
-    pub async fn schedule(provider: &dyn Provider, instance: &str, items: Vec<WorkItem>) -> InstanceId {
+    pub async fn schedule(
+        provider: &dyn Provider,
+        instance: &str,
+        items: Vec<WorkItem>,
+    ) -> InstanceId {
         let instance_id = id(instance);
         let created = provider
             .create_instance(new_instance(instance), OnConflict::ReturnExisting)
@@ -475,7 +478,11 @@ mod work {
     }
 
     /// Completes one leased item, returning that completion's own result.
-    pub async fn complete(provider: &dyn Provider, lease: &LeaseToken, outcome: Outcome) -> Result<()> {
+    pub async fn complete(
+        provider: &dyn Provider,
+        lease: &LeaseToken,
+        outcome: Outcome,
+    ) -> Result<()> {
         let mut results = provider
             .complete_activities(vec![ActivityCompletion {
                 lease: lease.clone(),
