@@ -6,6 +6,8 @@ pub mod creation;
 pub mod locking;
 pub mod messages;
 pub mod activities;
+pub mod limits;
+pub mod dead_letters;
 
 /// Stamps every area. Add a new area here.
 #[doc(hidden)]
@@ -16,5 +18,7 @@ macro_rules! __all_areas {
         $crate::__conformance_locking!($factory);
         $crate::__conformance_messages!($factory);
         $crate::__conformance_activities!($factory);
+        $crate::__conformance_limits!($factory);
+        $crate::__conformance_dead_letters!($factory);
     };
 }
