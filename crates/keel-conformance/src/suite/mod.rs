@@ -3,6 +3,7 @@
 //! stamps every area.
 
 pub mod creation;
+pub mod acks;
 pub mod locking;
 pub mod messages;
 pub mod activities;
@@ -15,6 +16,7 @@ pub mod dead_letters;
 macro_rules! __all_areas {
     ($factory:expr) => {
         $crate::__conformance_creation!($factory);
+        $crate::__conformance_acks!($factory);
         $crate::__conformance_locking!($factory);
         $crate::__conformance_messages!($factory);
         $crate::__conformance_activities!($factory);
