@@ -3,6 +3,7 @@
 //! stamps every area.
 
 pub mod creation;
+pub mod visibility;
 pub mod acks;
 pub mod locking;
 pub mod messages;
@@ -16,6 +17,7 @@ pub mod dead_letters;
 macro_rules! __all_areas {
     ($factory:expr) => {
         $crate::__conformance_creation!($factory);
+        $crate::__conformance_visibility!($factory);
         $crate::__conformance_acks!($factory);
         $crate::__conformance_locking!($factory);
         $crate::__conformance_messages!($factory);
