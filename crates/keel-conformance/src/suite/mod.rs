@@ -10,6 +10,8 @@ pub mod messages;
 pub mod activities;
 pub mod limits;
 pub mod dead_letters;
+pub mod control;
+pub mod management;
 
 /// Stamps every area. Add a new area here.
 #[doc(hidden)]
@@ -24,5 +26,7 @@ macro_rules! __all_areas {
         $crate::__conformance_activities!($factory);
         $crate::__conformance_limits!($factory);
         $crate::__conformance_dead_letters!($factory);
+        $crate::__conformance_control!($factory);
+        $crate::__conformance_management!($factory);
     };
 }
