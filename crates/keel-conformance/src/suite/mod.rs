@@ -3,6 +3,7 @@
 //! stamps every area.
 
 pub mod creation;
+pub mod executions;
 pub mod visibility;
 pub mod acks;
 pub mod locking;
@@ -19,6 +20,7 @@ pub mod management;
 macro_rules! __all_areas {
     ($factory:expr) => {
         $crate::__conformance_creation!($factory);
+        $crate::__conformance_executions!($factory);
         $crate::__conformance_visibility!($factory);
         $crate::__conformance_acks!($factory);
         $crate::__conformance_locking!($factory);
