@@ -13,6 +13,8 @@ pub mod limits;
 pub mod dead_letters;
 pub mod control;
 pub mod management;
+pub mod wakeups;
+pub mod corruption;
 
 /// Stamps every area. Add a new area here.
 #[doc(hidden)]
@@ -30,5 +32,7 @@ macro_rules! __all_areas {
         $crate::__conformance_dead_letters!($factory);
         $crate::__conformance_control!($factory);
         $crate::__conformance_management!($factory);
+        $crate::__conformance_wakeups!($factory);
+        $crate::__conformance_corruption!($factory);
     };
 }
