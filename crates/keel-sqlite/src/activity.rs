@@ -1,0 +1,631 @@
+//! The activity queue: leasing work items under their names' limits, renewing,
+//! completing, retrying and abandoning leases, and cancellation.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use keel_core::{Failure, Message, WorkItem, decode_record, encode_record};
+use keel_provider::{
+    ActivityCompletion, ActivityLimits, ActivityRetry, ErrorKind, FetchActivities, LeaseToken,
+    LeasedWorkItem, ProviderError, Result, WorkKind,
+};
+use sqlx::sqlite::SqliteConnection;
+
+use crate::convert::{
+    check_size, col, count, execution, from_bits, later, millis, op, small, timestamp, u64_bits,
+};
+use crate::dead_letter;
+use crate::error::db;
+use crate::instance;
+use crate::provider::SqliteProvider;
+use crate::writer::{WriteCtx, allocate_tokens, end_savepoint, savepoint};
+
+/// The rate limit's window.
+const WINDOW_MILLIS: i64 = 1_000;
+
+/// A work item ready to insert: encoded and size-checked, off the writer.
+#[derive(Debug)]
+pub(crate) struct PreparedItem {
+    instance: String,
+    execution: i64,
+    op: i64,
+    name: String,
+    queue: String,
+    priority: i64,
+    attempt: i64,
+    body: Vec<u8>,
+}
+
+/// Encodes `item`, checking it against `limit`.
+pub(crate) fn prepare_item(item: &WorkItem, limit: usize) -> Result<PreparedItem> {
+    let body = encode_record(item)?;
+    check_size(
+        || format!("work item {} of {}", item.name, item.instance),
+        body.len(),
+        limit,
+    )?;
+    Ok(PreparedItem {
+        instance: item.instance.as_str().to_owned(),
+        execution: i64::from(item.execution.get()),
+        op: u64_bits(item.op.get()),
+        name: item.name.clone(),
+        queue: item.options.queue.as_str().to_owned(),
+        priority: i64::from(item.options.priority),
+        attempt: i64::from(item.attempt),
+        body,
+    })
+}
+
+/// Enqueues a prepared item, visible at `now`.
+pub(crate) async fn insert_item(
+    conn: &mut SqliteConnection,
+    item: &PreparedItem,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO work_items (instance, execution, op, name, queue, priority, attempt, \
+         visible_at, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+    )
+    .bind(&item.instance)
+    .bind(item.execution)
+    .bind(item.op)
+    .bind(&item.name)
+    .bind(&item.queue)
+    .bind(item.priority)
+    .bind(item.attempt)
+    .bind(now)
+    .bind(&item.body)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Cancels the items of one operation: queued ones (or ones whose lease expired) are
+/// deleted, leased ones marked so that their renewal fails and their outcome is dropped.
+pub(crate) async fn cancel(
+    conn: &mut SqliteConnection,
+    instance: &str,
+    execution: i64,
+    op: i64,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM work_items WHERE instance = ?1 AND execution = ?2 AND op = ?3 \
+         AND (lease_token IS NULL OR visible_at <= ?4)",
+    )
+    .bind(instance)
+    .bind(execution)
+    .bind(op)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "UPDATE work_items SET cancelled = 1 WHERE instance = ?1 AND execution = ?2 \
+         AND op = ?3 AND lease_token IS NOT NULL AND visible_at > ?4",
+    )
+    .bind(instance)
+    .bind(execution)
+    .bind(op)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// A claimable item, as the candidate scan sees it.
+#[derive(Debug)]
+struct Candidate {
+    id: i64,
+    name: String,
+    priority: i64,
+}
+
+/// One queue's candidates, read a page at a time in (priority desc, id) order.
+#[derive(Debug)]
+struct QueueScan {
+    queue: String,
+    buffer: VecDeque<Candidate>,
+    after: (i64, i64),
+    done: bool,
+}
+
+/// The limits of one name and how much of them this claim has seen used.
+#[derive(Debug)]
+struct NameBudget {
+    limits: ActivityLimits,
+    running: u32,
+    recent: u32,
+}
+
+impl NameBudget {
+    fn allows(&self) -> bool {
+        self.limits
+            .max_concurrent
+            .is_none_or(|max| self.running < max)
+            && self
+                .limits
+                .max_per_second
+                .is_none_or(|max| self.recent < max)
+    }
+}
+
+pub(crate) async fn fetch(
+    p: &SqliteProvider,
+    request: FetchActivities,
+) -> Result<Vec<LeasedWorkItem>> {
+    let max = request.max_items.min(p.inner.capabilities.max_fetch_items);
+    if max == 0 || request.queues.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut queues: Vec<String> = request
+        .queues
+        .iter()
+        .map(|q| q.as_str().to_owned())
+        .collect();
+    queues.sort();
+    queues.dedup();
+    p.inner.wake.fetched(WorkKind::Activities, p.clock_now());
+    p.write(move |ctx| Box::pin(fetch_tx(ctx, queues, max, request.lease_for)))
+        .await
+}
+
+async fn fetch_tx(
+    ctx: &mut WriteCtx,
+    queues: Vec<String>,
+    max: usize,
+    lease_for: Duration,
+) -> Result<Vec<LeasedWorkItem>> {
+    let now_ts = ctx.now();
+    let now = millis(now_ts);
+    // Cancelled items whose lease ran out will never be completed: drop them.
+    sqlx::query("DELETE FROM work_items WHERE cancelled = 1 AND visible_at <= ?1")
+        .bind(now)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+    let mut limits = HashMap::new();
+    for row in sqlx::query("SELECT name, max_concurrent, max_per_second FROM activity_limits")
+        .fetch_all(&mut ctx.conn)
+        .await
+        .map_err(db)?
+    {
+        let limit = |v: Option<i64>| v.map(|v| small(v, "an activity limit")).transpose();
+        let name: String = col(&row, 0)?;
+        let limits_of = ActivityLimits {
+            max_concurrent: limit(col(&row, 1)?)?,
+            max_per_second: limit(col(&row, 2)?)?,
+        };
+        limits.insert(name, limits_of);
+    }
+    let mut budgets: HashMap<String, NameBudget> = HashMap::new();
+    let mut scans: Vec<QueueScan> = queues
+        .into_iter()
+        .map(|queue| QueueScan {
+            queue,
+            buffer: VecDeque::new(),
+            after: (i64::MAX, i64::MIN),
+            done: false,
+        })
+        .collect();
+    let page = count(max.max(16) as u64);
+    let mut picked = Vec::new();
+    while picked.len() < max {
+        for scan in &mut scans {
+            if scan.buffer.is_empty() && !scan.done {
+                refill(&mut ctx.conn, scan, now, page).await?;
+            }
+        }
+        // The best head across queues: highest priority, then oldest.
+        let best = scans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, scan)| scan.buffer.front().map(|c| ((c.priority, -c.id), i)))
+            .max_by_key(|(key, _)| *key)
+            .map(|(_, i)| i);
+        let Some(candidate) = best.and_then(|i| scans.get_mut(i)?.buffer.pop_front()) else {
+            break;
+        };
+        if let Some(limit) = limits.get(&candidate.name) {
+            if !budgets.contains_key(&candidate.name) {
+                let budget = load_budget(&mut ctx.conn, &candidate.name, *limit, now).await?;
+                budgets.insert(candidate.name.clone(), budget);
+            }
+            if let Some(budget) = budgets.get_mut(&candidate.name) {
+                if !budget.allows() {
+                    continue;
+                }
+                budget.running = budget.running.saturating_add(1);
+                budget.recent = budget.recent.saturating_add(1);
+            }
+        }
+        picked.push(candidate);
+    }
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let first_token = allocate_tokens(ctx, picked.len()).await?;
+    let leased_until = later(now_ts, lease_for);
+    let mut leased = Vec::with_capacity(picked.len());
+    for (token, candidate) in (first_token..).zip(picked) {
+        let row = sqlx::query(
+            "UPDATE work_items SET lease_token = ?2, visible_at = ?3, \
+             deliveries = deliveries + 1 WHERE id = ?1 \
+             RETURNING instance, execution, op, name, attempt, deliveries, body",
+        )
+        .bind(candidate.id)
+        .bind(token)
+        .bind(leased_until)
+        .fetch_one(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+        if limits
+            .get(&candidate.name)
+            .is_some_and(|l| l.max_per_second.is_some())
+        {
+            sqlx::query("INSERT INTO lease_starts (name, started_at) VALUES (?1, ?2)")
+                .bind(&candidate.name)
+                .bind(now)
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(db)?;
+        }
+        let decoded = decode_record::<WorkItem>(&col::<Vec<u8>>(&row, 6)?);
+        let mut item = match decoded {
+            Ok(item) => item,
+            Err(error) => {
+                // Never handed out: set aside for a human, with what the columns know.
+                tracing::warn!(item = candidate.id, %error, "dead-lettering an undecodable work item");
+                let failure = Failure::new(
+                    Failure::DECODE,
+                    format!("the stored work item cannot be decoded: {error}"),
+                )
+                .retryable(false);
+                dead_letter::insert(
+                    &mut ctx.conn,
+                    &dead_letter::Record {
+                        instance: &col::<String>(&row, 0)?,
+                        execution: col(&row, 1)?,
+                        op: col(&row, 2)?,
+                        name: &col::<String>(&row, 3)?,
+                        attempts: col(&row, 4)?,
+                        failure: &failure,
+                        item: None,
+                    },
+                    now,
+                )
+                .await?;
+                sqlx::query("DELETE FROM work_items WHERE id = ?1")
+                    .bind(candidate.id)
+                    .execute(&mut ctx.conn)
+                    .await
+                    .map_err(db)?;
+                continue;
+            }
+        };
+        // The column is the truth: retries update it without re-encoding the item.
+        item.attempt = small(col(&row, 4)?, "attempt")?;
+        leased.push(LeasedWorkItem {
+            lease: LeaseToken::new(from_bits(candidate.id), from_bits(token)),
+            leased_until: timestamp(leased_until),
+            item,
+            deliveries: small(col(&row, 5)?, "deliveries")?,
+        });
+    }
+    Ok(leased)
+}
+
+/// Reads the next page of `scan`'s queue.
+async fn refill(
+    conn: &mut SqliteConnection,
+    scan: &mut QueueScan,
+    now: i64,
+    page: i64,
+) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT id, name, priority FROM work_items \
+         WHERE queue = ?1 AND cancelled = 0 AND visible_at <= ?2 \
+           AND (priority < ?3 OR (priority = ?3 AND id > ?4)) \
+         ORDER BY priority DESC, id LIMIT ?5",
+    )
+    .bind(&scan.queue)
+    .bind(now)
+    .bind(scan.after.0)
+    .bind(scan.after.1)
+    .bind(page)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page {
+        scan.done = true;
+    }
+    for row in &rows {
+        let candidate = Candidate {
+            id: col(row, 0)?,
+            name: col(row, 1)?,
+            priority: col(row, 2)?,
+        };
+        scan.after = (candidate.priority, candidate.id);
+        scan.buffer.push_back(candidate);
+    }
+    Ok(())
+}
+
+/// How much of `name`'s limits is in use now: unexpired leases, and leases started
+/// within the last second (forgetting older starts).
+async fn load_budget(
+    conn: &mut SqliteConnection,
+    name: &str,
+    limits: ActivityLimits,
+    now: i64,
+) -> Result<NameBudget> {
+    let mut budget = NameBudget {
+        limits,
+        running: 0,
+        recent: 0,
+    };
+    if limits.max_concurrent.is_some() {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM work_items \
+             WHERE name = ?1 AND lease_token IS NOT NULL AND visible_at > ?2",
+        )
+        .bind(name)
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        budget.running = small(col(&row, 0)?, "a count")?;
+    }
+    if limits.max_per_second.is_some() {
+        let since = now.saturating_sub(WINDOW_MILLIS);
+        sqlx::query("DELETE FROM lease_starts WHERE name = ?1 AND started_at <= ?2")
+            .bind(name)
+            .bind(since)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        let row =
+            sqlx::query("SELECT COUNT(*) FROM lease_starts WHERE name = ?1 AND started_at > ?2")
+                .bind(name)
+                .bind(since)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)?;
+        budget.recent = small(col(&row, 0)?, "a count")?;
+    }
+    Ok(budget)
+}
+
+fn stale(lease: &LeaseToken) -> ProviderError {
+    ProviderError::stale(format!("the lease on work item {}", lease.item()))
+}
+
+/// Where a lease stands.
+enum Held {
+    /// Held: the token matches and has not expired.
+    Yes,
+    /// The orchestration cancelled the item (whatever the expiry).
+    Cancelled,
+}
+
+/// Checks `lease`: `Stale` unless its token matches and has not expired.
+async fn check_lease(ctx: &mut WriteCtx, lease: &LeaseToken, now: i64) -> Result<Held> {
+    let row = sqlx::query(
+        "SELECT cancelled, visible_at FROM work_items WHERE id = ?1 AND lease_token = ?2",
+    )
+    .bind(u64_bits(lease.item()))
+    .bind(u64_bits(lease.token()))
+    .fetch_optional(&mut ctx.conn)
+    .await
+    .map_err(db)?
+    .ok_or_else(|| stale(lease))?;
+    if col::<i64>(&row, 0)? != 0 {
+        return Ok(Held::Cancelled);
+    }
+    if col::<i64>(&row, 1)? <= now {
+        return Err(stale(lease));
+    }
+    Ok(Held::Yes)
+}
+
+async fn delete_item(ctx: &mut WriteCtx, lease: &LeaseToken) -> Result<()> {
+    sqlx::query("DELETE FROM work_items WHERE id = ?1")
+        .bind(u64_bits(lease.item()))
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+pub(crate) async fn renew(p: &SqliteProvider, lease: &LeaseToken, extend: Duration) -> Result<()> {
+    let lease = lease.clone();
+    p.write(move |ctx| {
+        Box::pin(async move {
+            let now_ts = ctx.now();
+            if let Held::Cancelled = check_lease(ctx, &lease, millis(now_ts)).await? {
+                return Err(ProviderError::new(
+                    ErrorKind::Cancelled,
+                    format!(
+                        "work item {} was cancelled by its orchestration",
+                        lease.item()
+                    ),
+                ));
+            }
+            sqlx::query("UPDATE work_items SET visible_at = ?2 WHERE id = ?1")
+                .bind(u64_bits(lease.item()))
+                .bind(later(now_ts, extend))
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+pub(crate) async fn complete(
+    p: &SqliteProvider,
+    completions: Vec<ActivityCompletion>,
+) -> Result<Vec<Result<()>>> {
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let limit = p.inner.capabilities.max_record_bytes;
+    p.write(move |ctx| {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(completions.len());
+            for completion in completions {
+                savepoint(ctx).await?;
+                let result = complete_one(ctx, completion, limit).await;
+                end_savepoint(ctx, result.is_ok()).await?;
+                results.push(result);
+            }
+            Ok(results)
+        })
+    })
+    .await
+}
+
+/// Deletes a leased item and enqueues its outcome; the caller's savepoint undoes it
+/// on error.
+async fn complete_one(
+    ctx: &mut WriteCtx,
+    completion: ActivityCompletion,
+    limit: usize,
+) -> Result<()> {
+    let now = millis(ctx.now());
+    let lease = completion.lease;
+    let row = sqlx::query(
+        "SELECT instance, execution, op, name, attempt, visible_at, cancelled, body \
+         FROM work_items WHERE id = ?1 AND lease_token = ?2",
+    )
+    .bind(u64_bits(lease.item()))
+    .bind(u64_bits(lease.token()))
+    .fetch_optional(&mut ctx.conn)
+    .await
+    .map_err(db)?
+    .ok_or_else(|| stale(&lease))?;
+    if col::<i64>(&row, 6)? != 0 {
+        // Cancelled while it ran: the orchestration no longer waits for the outcome.
+        return delete_item(ctx, &lease).await;
+    }
+    if col::<i64>(&row, 5)? <= now {
+        return Err(stale(&lease));
+    }
+    let instance: String = col(&row, 0)?;
+    let execution_raw: i64 = col(&row, 1)?;
+    let op_raw: i64 = col(&row, 2)?;
+    let message = Message::ActivityDone {
+        execution: execution(execution_raw)?,
+        op: op(op_raw),
+        outcome: completion.outcome,
+    };
+    let body = encode_record(&message)?;
+    check_size(
+        || format!("the outcome of work item {} of {instance}", lease.item()),
+        body.len(),
+        limit,
+    )?;
+    delete_item(ctx, &lease).await?;
+    instance::insert_message(&mut ctx.conn, &instance, now, now, &body).await?;
+    if let Message::ActivityDone {
+        outcome: Err(failure),
+        ..
+    } = &message
+    {
+        dead_letter::insert(
+            &mut ctx.conn,
+            &dead_letter::Record {
+                instance: &instance,
+                execution: execution_raw,
+                op: op_raw,
+                name: &col::<String>(&row, 3)?,
+                attempts: col(&row, 4)?,
+                failure,
+                item: Some(&col::<Vec<u8>>(&row, 7)?),
+            },
+            now,
+        )
+        .await?;
+    }
+    ctx.wake(WorkKind::Orchestrations);
+    Ok(())
+}
+
+/// Releases a held lease, the item visible again at `visible_at` with `attempt` (when
+/// given). An item cancelled while it ran is dropped instead.
+async fn release(
+    p: &SqliteProvider,
+    lease: &LeaseToken,
+    delay: Duration,
+    attempt: Option<u32>,
+) -> Result<()> {
+    let lease = lease.clone();
+    p.write(move |ctx| {
+        Box::pin(async move {
+            let now_ts = ctx.now();
+            if let Held::Cancelled = check_lease(ctx, &lease, millis(now_ts)).await? {
+                return delete_item(ctx, &lease).await;
+            }
+            sqlx::query(
+                "UPDATE work_items SET lease_token = NULL, visible_at = ?2, \
+                 attempt = COALESCE(?3, attempt) WHERE id = ?1",
+            )
+            .bind(u64_bits(lease.item()))
+            .bind(later(now_ts, delay))
+            .bind(attempt.map(i64::from))
+            .execute(&mut ctx.conn)
+            .await
+            .map_err(db)?;
+            ctx.wake(WorkKind::Activities);
+            Ok(())
+        })
+    })
+    .await
+}
+
+pub(crate) async fn retry(p: &SqliteProvider, retry: ActivityRetry) -> Result<()> {
+    release(p, &retry.lease, retry.delay, Some(retry.next_attempt)).await
+}
+
+pub(crate) async fn abandon(p: &SqliteProvider, lease: &LeaseToken) -> Result<()> {
+    release(p, lease, Duration::ZERO, None).await
+}
+
+pub(crate) async fn set_limits(
+    p: &SqliteProvider,
+    name: &str,
+    limits: ActivityLimits,
+) -> Result<()> {
+    let name = name.to_owned();
+    p.write(move |ctx| {
+        Box::pin(async move {
+            if limits.max_concurrent.is_none() && limits.max_per_second.is_none() {
+                sqlx::query("DELETE FROM activity_limits WHERE name = ?1")
+                    .bind(&name)
+                    .execute(&mut ctx.conn)
+                    .await
+                    .map_err(db)?;
+            } else {
+                sqlx::query(
+                    "INSERT INTO activity_limits (name, max_concurrent, max_per_second) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT (name) DO UPDATE SET \
+                     max_concurrent = excluded.max_concurrent, \
+                     max_per_second = excluded.max_per_second",
+                )
+                .bind(&name)
+                .bind(limits.max_concurrent.map(i64::from))
+                .bind(limits.max_per_second.map(i64::from))
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(db)?;
+            }
+            // Looser limits may make waiting items claimable.
+            ctx.wake(WorkKind::Activities);
+            Ok(())
+        })
+    })
+    .await
+}

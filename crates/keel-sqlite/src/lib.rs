@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+
+mod activity;
+mod convert;
+mod dead_letter;
+mod error;
+mod instance;
+mod migrations;
+mod options;
+mod orchestration;
+mod provider;
+mod wake;
+mod writer;
+
+pub use options::{SqliteOptions, Synchronous};
+pub use provider::SqliteProvider;

@@ -1,0 +1,312 @@
+//! The provider: opening the database, and the `Provider` implementation that
+//! dispatches each method to its module.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
+use keel_provider::{
+    Ack, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Clock, Created,
+    DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery, InstanceRecord,
+    LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page,
+    PageRequest, Provider, PurgeFilter, QueueDepths, Result, WorkKind,
+};
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::error::db;
+use crate::migrations;
+use crate::options::SqliteOptions;
+use crate::wake::Wake;
+use crate::writer::{WriteCtx, Writer};
+use crate::{activity, dead_letter, instance, orchestration};
+
+/// Distinguishes the in-memory databases of one process.
+static MEMORY_DATABASES: AtomicU64 = AtomicU64::new(0);
+
+/// Keel's SQLite provider: one file (or one in-memory database) holding instances,
+/// histories and queues.
+///
+/// Writes go through one connection that commits concurrent requests together (group
+/// commit), each in its own savepoint; reads use a pool of read-only connections. The
+/// file is in WAL mode, so reads never wait for the writer. Cloning is cheap and shares
+/// the connections.
+#[derive(Clone)]
+pub struct SqliteProvider {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) writer: Writer,
+    pub(crate) readers: SqlitePool,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) wake: Arc<Wake>,
+    pub(crate) capabilities: Capabilities,
+    location: String,
+}
+
+impl fmt::Debug for SqliteProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteProvider")
+            .field("location", &self.inner.location)
+            .field("clock", &self.inner.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteProvider {
+    /// Opens (creating it if missing) the database file at `path` with the default
+    /// options, applying any migrations it lacks.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// Opens (creating it if missing) the database file at `path` with `options`,
+    /// applying any migrations it lacks.
+    pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(false);
+        let writer = base
+            .clone()
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(options.synchronous.to_sqlx());
+        Self::start(writer, base, path.display().to_string(), options).await
+    }
+
+    /// Opens a fresh in-memory database with the default options: gone when the
+    /// provider (and its last clone) is dropped.
+    pub async fn in_memory() -> Result<Self> {
+        Self::in_memory_with(SqliteOptions::default()).await
+    }
+
+    /// Opens a fresh in-memory database with `options`. Each call gets its own
+    /// database, shared by this provider's writer and readers only.
+    pub async fn in_memory_with(options: SqliteOptions) -> Result<Self> {
+        let n = MEMORY_DATABASES.fetch_add(1, Ordering::Relaxed);
+        let name = format!("file:keel-{}-{n}", std::process::id());
+        let base = SqliteConnectOptions::new()
+            .filename(&name)
+            .in_memory(true)
+            .shared_cache(true)
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(false);
+        let writer = base
+            .clone()
+            .create_if_missing(true)
+            .synchronous(options.synchronous.to_sqlx());
+        Self::start(writer, base, name, options).await
+    }
+
+    async fn start(
+        writer: SqliteConnectOptions,
+        readers: SqliteConnectOptions,
+        location: String,
+        options: SqliteOptions,
+    ) -> Result<Self> {
+        let mut conn = writer.connect().await.map_err(db)?;
+        let now = crate::convert::millis(options.clock.now());
+        migrations::apply(&mut conn, now).await?;
+        // Readers never write: `query_only` makes a bug that tries fail loudly.
+        let readers = SqlitePoolOptions::new()
+            .max_connections(options.readers)
+            .min_connections(0)
+            .connect_lazy_with(readers.pragma("query_only", "ON"));
+        let wake = Arc::new(Wake::default());
+        let writer = Writer::spawn(conn, Arc::clone(&options.clock), Arc::clone(&wake));
+        let mut capabilities = Capabilities::default();
+        capabilities.max_record_bytes = options.max_record_bytes;
+        capabilities.max_history_events = options.max_history_events;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer,
+                readers,
+                clock: options.clock,
+                wake,
+                capabilities,
+                location,
+            }),
+        })
+    }
+
+    /// Finishes the writes already queued, then closes every connection. Calls made
+    /// afterwards fail with `Unavailable`.
+    pub async fn close(&self) {
+        self.inner.writer.close().await;
+        self.inner.readers.close().await;
+    }
+
+    /// How many transactions the writer has committed since open. Compared with the
+    /// number of writes made, it shows how well group commit batches them.
+    pub fn transactions_committed(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+
+    /// Runs `work` on the write connection in the next group transaction.
+    pub(crate) async fn write<R, F>(&self, work: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Result<R>> + Send + 'static,
+    {
+        self.inner.writer.run(Box::new(work)).await
+    }
+
+    /// The read-only pool.
+    pub(crate) fn readers(&self) -> &SqlitePool {
+        &self.inner.readers
+    }
+
+    /// The provider's current time.
+    pub(crate) fn clock_now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for SqliteProvider {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities.clone()
+    }
+
+    async fn now(&self) -> Result<Timestamp> {
+        Ok(self.clock_now())
+    }
+
+    async fn create_instance(
+        &self,
+        instance: NewInstance,
+        on_conflict: OnConflict,
+    ) -> Result<Created> {
+        instance::create(self, instance, on_conflict).await
+    }
+
+    async fn send_message(
+        &self,
+        instance: &InstanceId,
+        message: Message,
+        visible_at: Option<Timestamp>,
+    ) -> Result<()> {
+        instance::send_message(self, instance, message, visible_at).await
+    }
+
+    async fn fetch_orchestrations(
+        &self,
+        request: FetchOrchestrations,
+    ) -> Result<Vec<OrchestrationWork>> {
+        orchestration::fetch(self, request).await
+    }
+
+    async fn renew_lock(&self, lock: &LockToken, extend: Duration) -> Result<()> {
+        orchestration::renew(self, lock, extend).await
+    }
+
+    async fn abandon_lock(&self, lock: &LockToken, delay: Duration) -> Result<()> {
+        orchestration::abandon(self, lock, delay).await
+    }
+
+    async fn ack_turns(&self, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
+        orchestration::ack_turns(self, acks).await
+    }
+
+    async fn suspend(&self, lock: &LockToken, reason: &str) -> Result<()> {
+        orchestration::suspend(self, lock, reason).await
+    }
+
+    async fn fetch_activities(&self, request: FetchActivities) -> Result<Vec<LeasedWorkItem>> {
+        activity::fetch(self, request).await
+    }
+
+    async fn renew_lease(&self, lease: &LeaseToken, extend: Duration) -> Result<()> {
+        activity::renew(self, lease, extend).await
+    }
+
+    async fn complete_activities(
+        &self,
+        completions: Vec<ActivityCompletion>,
+    ) -> Result<Vec<Result<()>>> {
+        activity::complete(self, completions).await
+    }
+
+    async fn retry_activity(&self, retry: ActivityRetry) -> Result<()> {
+        activity::retry(self, retry).await
+    }
+
+    async fn abandon_lease(&self, lease: &LeaseToken) -> Result<()> {
+        activity::abandon(self, lease).await
+    }
+
+    async fn set_activity_limits(&self, name: &str, limits: ActivityLimits) -> Result<()> {
+        activity::set_limits(self, name, limits).await
+    }
+
+    async fn list_dead_letters(&self, page: PageRequest) -> Result<Page<DeadLetter>> {
+        dead_letter::list(self, page).await
+    }
+
+    async fn get_dead_letter(&self, id: DeadLetterId) -> Result<DeadLetter> {
+        dead_letter::get(self, id).await
+    }
+
+    async fn replay_dead_letter(&self, id: DeadLetterId) -> Result<()> {
+        dead_letter::replay(self, id).await
+    }
+
+    async fn discard_dead_letter(&self, id: DeadLetterId) -> Result<()> {
+        dead_letter::discard(self, id).await
+    }
+
+    async fn pause(&self, instance: &InstanceId) -> Result<()> {
+        instance::pause(self, instance).await
+    }
+
+    async fn resume(&self, instance: &InstanceId) -> Result<()> {
+        instance::resume(self, instance).await
+    }
+
+    async fn get_instance(&self, instance: &InstanceId) -> Result<InstanceRecord> {
+        instance::get(self, instance).await
+    }
+
+    async fn read_history(
+        &self,
+        instance: &InstanceId,
+        execution: Option<ExecutionId>,
+    ) -> Result<Vec<Event>> {
+        instance::read_history(self, instance, execution).await
+    }
+
+    async fn list_instances(
+        &self,
+        query: InstanceQuery,
+        page: PageRequest,
+    ) -> Result<Page<InstanceRecord>> {
+        instance::list(self, query, page).await
+    }
+
+    async fn queue_depths(&self) -> Result<QueueDepths> {
+        instance::queue_depths(self).await
+    }
+
+    async fn purge(&self, filter: PurgeFilter) -> Result<u64> {
+        instance::purge(self, filter).await
+    }
+
+    async fn delete_instance(&self, instance: &InstanceId) -> Result<u64> {
+        instance::delete(self, instance).await
+    }
+
+    async fn wait_for_work(&self, kind: WorkKind, timeout: Duration) -> Result<()> {
+        crate::wake::wait_for_work(self, kind, timeout).await
+    }
+
+    async fn next_due(&self, kind: WorkKind) -> Result<Option<Timestamp>> {
+        crate::wake::next_due(self, kind).await
+    }
+}

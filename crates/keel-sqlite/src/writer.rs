@@ -1,0 +1,322 @@
+//! The one writer connection and its group commit.
+//!
+//! SQLite allows one writer at a time, and a durable commit costs an fsync, so every
+//! write of the provider goes through one task that owns the write connection. The
+//! task takes the first request waiting on its channel plus every other request that
+//! arrived meanwhile, and runs them all in one transaction: one commit (one fsync)
+//! for the whole group. Each request runs inside its own `SAVEPOINT`, so one that
+//! fails rolls back alone while the others in the group still commit. Replies are
+//! sent only once the commit has succeeded; if the commit fails, every request of
+//! the group gets the error.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::future::BoxFuture;
+use keel_core::Timestamp;
+use keel_provider::{Clock, ProviderError, Result, WorkKind};
+use sqlx::Executor;
+use sqlx::sqlite::SqliteConnection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{closed, db, replicate};
+use crate::wake::Wake;
+
+/// The most requests one transaction commits: bounds how long readers of an
+/// in-memory database (whose tables the transaction locks) wait.
+const MAX_GROUP: usize = 256;
+
+/// How many requests may queue for the writer before senders wait.
+const CHANNEL: usize = 1024;
+
+/// What a request's code sees: the write connection inside the group's transaction,
+/// the clock, and a place to say which dispatchers to wake after the commit.
+pub(crate) struct WriteCtx {
+    /// The write connection, inside a transaction and the request's savepoint.
+    pub(crate) conn: SqliteConnection,
+    clock: Arc<dyn Clock>,
+    wake_orchestrations: bool,
+    wake_activities: bool,
+}
+
+impl WriteCtx {
+    /// The current time of the provider's clock.
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Wakes dispatchers of `kind` once the transaction commits.
+    pub(crate) fn wake(&mut self, kind: WorkKind) {
+        match kind {
+            WorkKind::Orchestrations => self.wake_orchestrations = true,
+            WorkKind::Activities => self.wake_activities = true,
+        }
+    }
+}
+
+/// A request's code: runs on the write connection and returns its result. An `Err`
+/// rolls the request's savepoint back; an `Ok` keeps its writes.
+pub(crate) type Work<R> =
+    Box<dyn for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Result<R>> + Send>;
+
+/// A request with its reply channel, its result type erased.
+trait Job: Send {
+    /// Runs the request; returns whether to keep its writes and how to answer.
+    fn run<'c>(self: Box<Self>, ctx: &'c mut WriteCtx) -> BoxFuture<'c, Box<dyn Reply>>;
+    /// Answers without running: the group's transaction could not begin.
+    fn fail(self: Box<Self>, error: ProviderError);
+}
+
+/// A request's answer, held until its transaction's fate is known.
+trait Reply: Send {
+    /// Whether the request succeeded, so its savepoint is kept.
+    fn keep(&self) -> bool;
+    /// Sends the result, or `failure` when the group's transaction did not commit.
+    fn send(self: Box<Self>, failure: Option<&ProviderError>);
+}
+
+struct Request<R> {
+    work: Work<R>,
+    reply: oneshot::Sender<Result<R>>,
+}
+
+struct Answer<R> {
+    result: Result<R>,
+    reply: oneshot::Sender<Result<R>>,
+}
+
+impl<R: Send + 'static> Job for Request<R> {
+    fn run<'c>(self: Box<Self>, ctx: &'c mut WriteCtx) -> BoxFuture<'c, Box<dyn Reply>> {
+        let Self { work, reply } = *self;
+        Box::pin(async move {
+            let result = work(ctx).await;
+            Box::new(Answer { result, reply }) as Box<dyn Reply>
+        })
+    }
+
+    fn fail(self: Box<Self>, error: ProviderError) {
+        // The caller may have stopped waiting; then nobody needs the answer.
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl<R: Send + 'static> Reply for Answer<R> {
+    fn keep(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    fn send(self: Box<Self>, failure: Option<&ProviderError>) {
+        let result = match failure {
+            None => self.result,
+            Some(error) => Err(replicate(error)),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+enum Command {
+    Job(Box<dyn Job>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle requests are sent through.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    sender: mpsc::Sender<Command>,
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Job(_) => "Job",
+            Self::Close(_) => "Close",
+        })
+    }
+}
+
+impl Writer {
+    /// Starts the writer task on the current tokio runtime, owning `conn`.
+    pub(crate) fn spawn(conn: SqliteConnection, clock: Arc<dyn Clock>, wake: Arc<Wake>) -> Self {
+        let (sender, receiver) = mpsc::channel(CHANNEL);
+        let commits = Arc::new(AtomicU64::new(0));
+        let ctx = WriteCtx {
+            conn,
+            clock,
+            wake_orchestrations: false,
+            wake_activities: false,
+        };
+        tokio::spawn(run(ctx, receiver, wake, Arc::clone(&commits)));
+        Self { sender, commits }
+    }
+
+    /// Runs `work` in the next group transaction and returns its result once that
+    /// transaction has committed.
+    pub(crate) async fn run<R: Send + 'static>(&self, work: Work<R>) -> Result<R> {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Request { work, reply });
+        self.sender
+            .send(Command::Job(job))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// Finishes the requests already queued, closes the connection and stops the task.
+    pub(crate) async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.sender.send(Command::Close(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// How many transactions the writer has committed.
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+async fn run(
+    mut ctx: WriteCtx,
+    mut receiver: mpsc::Receiver<Command>,
+    wake: Arc<Wake>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut closing = None;
+    while let Some(first) = receiver.recv().await {
+        let mut group = Vec::new();
+        match first {
+            Command::Job(job) => group.push(job),
+            Command::Close(done) => {
+                closing = Some(done);
+                break;
+            }
+        }
+        // Everything that queued while the previous transaction committed joins this one.
+        while group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(Command::Job(job)) => group.push(job),
+                Ok(Command::Close(done)) => {
+                    closing = Some(done);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if commit_group(&mut ctx, group).await {
+            commits.fetch_add(1, Ordering::Relaxed);
+        }
+        if std::mem::take(&mut ctx.wake_orchestrations) {
+            wake.notify(WorkKind::Orchestrations);
+        }
+        if std::mem::take(&mut ctx.wake_activities) {
+            wake.notify(WorkKind::Activities);
+        }
+        if closing.is_some() {
+            break;
+        }
+    }
+    receiver.close();
+    // Requests that raced the close are answered, not dropped silently.
+    while let Ok(command) = receiver.try_recv() {
+        if let Command::Job(job) = command {
+            job.fail(closed());
+        }
+    }
+    if let Err(error) = sqlx::Connection::close(ctx.conn).await {
+        tracing::warn!(%error, "closing the SQLite write connection failed");
+    }
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// Runs `group` in one transaction, each request in its own savepoint, and answers
+/// every request. Returns whether the transaction committed.
+async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>) -> bool {
+    if let Err(error) = ctx.conn.execute("BEGIN IMMEDIATE").await.map_err(db) {
+        for job in group {
+            job.fail(replicate(&error));
+        }
+        return false;
+    }
+    let mut replies = Vec::with_capacity(group.len());
+    let mut broken: Option<ProviderError> = None;
+    for job in group {
+        if let Some(error) = &broken {
+            job.fail(replicate(error));
+            continue;
+        }
+        if let Err(error) = ctx.conn.execute("SAVEPOINT request").await.map_err(db) {
+            job.fail(replicate(&error));
+            broken = Some(error);
+            continue;
+        }
+        let reply = job.run(ctx).await;
+        let end = if reply.keep() {
+            ctx.conn.execute("RELEASE request").await
+        } else {
+            match ctx.conn.execute("ROLLBACK TO request").await {
+                Ok(_) => ctx.conn.execute("RELEASE request").await,
+                Err(error) => Err(error),
+            }
+        };
+        if let Err(error) = end {
+            // Some errors (a full disk, an I/O error) roll the whole transaction back,
+            // taking the savepoint with them: nothing of this group can commit.
+            broken = Some(db(error));
+        }
+        replies.push(reply);
+    }
+    let failure = match broken {
+        Some(error) => {
+            let _ = ctx.conn.execute("ROLLBACK").await;
+            Some(error)
+        }
+        None => match ctx.conn.execute("COMMIT").await {
+            Ok(_) => None,
+            Err(error) => {
+                let _ = ctx.conn.execute("ROLLBACK").await;
+                Some(db(error))
+            }
+        },
+    };
+    if let Some(error) = &failure {
+        tracing::warn!(%error, requests = replies.len(), "a SQLite group commit failed");
+    }
+    let committed = failure.is_none();
+    for reply in replies {
+        reply.send(failure.as_ref());
+    }
+    committed
+}
+
+/// Opens a savepoint inside a request, for one item of a batch (an ack, a
+/// completion) that must fail alone.
+pub(crate) async fn savepoint(ctx: &mut WriteCtx) -> Result<()> {
+    ctx.conn.execute("SAVEPOINT item").await.map_err(db)?;
+    Ok(())
+}
+
+/// Closes the savepoint [`savepoint`] opened, keeping its writes or rolling them back.
+pub(crate) async fn end_savepoint(ctx: &mut WriteCtx, keep: bool) -> Result<()> {
+    if !keep {
+        ctx.conn.execute("ROLLBACK TO item").await.map_err(db)?;
+    }
+    ctx.conn.execute("RELEASE item").await.map_err(db)?;
+    Ok(())
+}
+
+/// Reserves `n` lock or lease tokens and returns the first: they come from the
+/// database, so they never repeat, across restarts and processes.
+pub(crate) async fn allocate_tokens(ctx: &mut WriteCtx, n: usize) -> Result<i64> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    let row =
+        sqlx::query("UPDATE keel_meta SET value = value + ?1 WHERE key = 'token' RETURNING value")
+            .bind(n)
+            .fetch_one(&mut ctx.conn)
+            .await
+            .map_err(db)?;
+    let last: i64 = sqlx::Row::try_get(&row, 0).map_err(db)?;
+    Ok(last - n + 1)
+}
