@@ -5,6 +5,7 @@ mod convert;
 mod dead_letter;
 mod error;
 mod instance;
+mod lease;
 mod migrations;
 mod options;
 mod orchestration;

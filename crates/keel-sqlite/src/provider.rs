@@ -23,7 +23,7 @@ use crate::migrations;
 use crate::options::SqliteOptions;
 use crate::wake::Wake;
 use crate::writer::{WriteCtx, Writer};
-use crate::{activity, dead_letter, instance, orchestration};
+use crate::{activity, dead_letter, instance, lease, orchestration};
 
 /// Distinguishes the in-memory databases of one process.
 static MEMORY_DATABASES: AtomicU64 = AtomicU64::new(0);
@@ -224,22 +224,22 @@ impl Provider for SqliteProvider {
     }
 
     async fn renew_lease(&self, lease: &LeaseToken, extend: Duration) -> Result<()> {
-        activity::renew(self, lease, extend).await
+        lease::renew(self, lease, extend).await
     }
 
     async fn complete_activities(
         &self,
         completions: Vec<ActivityCompletion>,
     ) -> Result<Vec<Result<()>>> {
-        activity::complete(self, completions).await
+        lease::complete(self, completions).await
     }
 
     async fn retry_activity(&self, retry: ActivityRetry) -> Result<()> {
-        activity::retry(self, retry).await
+        lease::retry(self, retry).await
     }
 
     async fn abandon_lease(&self, lease: &LeaseToken) -> Result<()> {
-        activity::abandon(self, lease).await
+        lease::abandon(self, lease).await
     }
 
     async fn set_activity_limits(&self, name: &str, limits: ActivityLimits) -> Result<()> {
@@ -308,5 +308,272 @@ impl Provider for SqliteProvider {
 
     async fn next_due(&self, kind: WorkKind) -> Result<Option<Timestamp>> {
         crate::wake::next_due(self, kind).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use keel_core::{Codec, Event, EventKind, InstanceId, Timestamp};
+    use keel_provider::{
+        Ack, ErrorKind, FetchOrchestrations, ManualClock, NewInstance, OnConflict, Provider,
+    };
+    use sqlx::{Executor, Row};
+
+    use super::*;
+    use crate::options::Synchronous;
+
+    const START: Timestamp = Timestamp::from_millis(1_700_000_000_000);
+
+    fn id(s: &str) -> InstanceId {
+        InstanceId::new(s).unwrap()
+    }
+
+    fn new_instance(s: &str) -> NewInstance {
+        let input = Codec::default().encode(&1).unwrap();
+        NewInstance::new(id(s), "test", input)
+    }
+
+    fn options() -> SqliteOptions {
+        SqliteOptions::new().clock(Arc::new(ManualClock::new(START)))
+    }
+
+    async fn fetch(p: &SqliteProvider) -> Vec<OrchestrationWork> {
+        p.fetch_orchestrations(FetchOrchestrations {
+            max_instances: 10,
+            lock_for: Duration::from_secs(60),
+            with_history: true,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Runs one statement on the write connection and returns its first column.
+    async fn pragma(p: &SqliteProvider, sql: &'static str) -> String {
+        p.write(move |ctx| {
+            Box::pin(async move {
+                let row = sqlx::query(sql)
+                    .fetch_one(&mut ctx.conn)
+                    .await
+                    .map_err(db)?;
+                let value: sqlx::Result<String> = row.try_get(0);
+                Ok(match value {
+                    Ok(text) => text,
+                    Err(_) => row.try_get::<i64, _>(0).map_err(db)?.to_string(),
+                })
+            })
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn migrations_are_applied_once_and_reopening_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keel.db");
+        for _ in 0..3 {
+            let p = SqliteProvider::open_with(&path, options()).await.unwrap();
+            let rows = pragma(&p, "SELECT COUNT(*) FROM keel_schema_version").await;
+            assert_eq!(rows, migrations::MIGRATIONS.len().to_string());
+            let version = pragma(&p, "SELECT MAX(version) FROM keel_schema_version").await;
+            assert_eq!(version, migrations::MIGRATIONS.len().to_string());
+            p.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_build_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keel.db");
+        let p = SqliteProvider::open_with(&path, options()).await.unwrap();
+        p.write(|ctx| {
+            Box::pin(async move {
+                ctx.conn
+                    .execute("INSERT INTO keel_schema_version VALUES (999, 0)")
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap();
+        p.close().await;
+        let err = SqliteProvider::open_with(&path, options())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+        assert!(err.message().contains("999"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn data_and_tokens_survive_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keel.db");
+        let p = SqliteProvider::open_with(&path, options()).await.unwrap();
+        p.create_instance(new_instance("a"), OnConflict::Fail)
+            .await
+            .unwrap();
+        let work = fetch(&p).await.remove(0);
+        let mut ack = Ack::new(work.lock.clone(), vec![work.messages[0].id]);
+        ack.events = vec![Event {
+            at: START,
+            kind: EventKind::CancelRequested { reason: "r".into() },
+        }];
+        let sent = ack.events.clone();
+        p.ack_turns(vec![ack]).await.unwrap().remove(0).unwrap();
+        p.send_message(
+            &id("a"),
+            keel_core::Message::Cancel { reason: "x".into() },
+            None,
+        )
+        .await
+        .unwrap();
+        let before = p.get_instance(&id("a")).await.unwrap();
+        p.close().await;
+        assert_eq!(
+            p.get_instance(&id("a")).await.unwrap_err().kind(),
+            ErrorKind::Unavailable,
+            "a closed provider refuses calls"
+        );
+
+        let p = SqliteProvider::open_with(&path, options()).await.unwrap();
+        assert_eq!(p.get_instance(&id("a")).await.unwrap(), before);
+        assert_eq!(p.read_history(&id("a"), None).await.unwrap(), sent);
+        let again = fetch(&p).await.remove(0);
+        assert_ne!(again.lock, work.lock, "tokens never repeat across opens");
+        assert_eq!(again.history_len, 1);
+        p.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_synchronous_setting_and_wal_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        for (setting, expected) in [(Synchronous::Full, "2"), (Synchronous::Normal, "1")] {
+            let path = dir.path().join(format!("{expected}.db"));
+            let p = SqliteProvider::open_with(&path, options().synchronous(setting))
+                .await
+                .unwrap();
+            assert_eq!(pragma(&p, "PRAGMA synchronous").await, expected);
+            assert_eq!(pragma(&p, "PRAGMA journal_mode").await, "wal");
+            p.close().await;
+        }
+        let p = SqliteProvider::open_with(dir.path().join("default.db"), options())
+            .await
+            .unwrap();
+        assert_eq!(
+            pragma(&p, "PRAGMA synchronous").await,
+            "2",
+            "FULL by default"
+        );
+        p.close().await;
+    }
+
+    /// Holds the writer for a while, so that requests sent meanwhile queue up.
+    async fn occupy_writer(p: &SqliteProvider) -> tokio::task::JoinHandle<()> {
+        let slow = p.clone();
+        let handle = tokio::spawn(async move {
+            slow.write(|_ctx| {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(())
+                })
+            })
+            .await
+            .unwrap();
+        });
+        // Let the slow request reach the writer first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        handle
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SqliteProvider::open_with(dir.path().join("keel.db"), options())
+            .await
+            .unwrap();
+        let before = p.transactions_committed();
+        let slow = occupy_writer(&p).await;
+        let creates: Vec<_> = (0..20)
+            .map(|i| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.create_instance(new_instance(&format!("i{i}")), OnConflict::Fail)
+                        .await
+                })
+            })
+            .collect();
+        slow.await.unwrap();
+        for create in creates {
+            create.await.unwrap().unwrap();
+        }
+        let committed = p.transactions_committed() - before;
+        assert_eq!(committed, 2, "the slow request's, then one for all twenty");
+        assert_eq!(fetch(&p).await.len(), 10);
+        p.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_request_rolls_back_alone_in_its_group() {
+        let p = SqliteProvider::in_memory_with(options()).await.unwrap();
+        let slow = occupy_writer(&p).await;
+        let insert = |key: &'static str, fail: bool| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                p.write(move |ctx| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO keel_meta (key, value) VALUES (?1, 1)")
+                            .bind(key)
+                            .execute(&mut ctx.conn)
+                            .await
+                            .map_err(db)?;
+                        if fail {
+                            return Err(keel_provider::ProviderError::new(
+                                ErrorKind::InvalidInput,
+                                "refused after writing",
+                            ));
+                        }
+                        Ok(())
+                    })
+                })
+                .await
+            })
+        };
+        let kept = insert("kept", false);
+        let failed = insert("failed", true);
+        let also_kept = insert("also", false);
+        let before = p.transactions_committed();
+        slow.await.unwrap();
+        kept.await.unwrap().unwrap();
+        assert_eq!(
+            failed.await.unwrap().unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        also_kept.await.unwrap().unwrap();
+        assert_eq!(p.transactions_committed() - before, 2);
+        let keys = pragma(
+            &p,
+            "SELECT group_concat(key, ',') FROM (SELECT key FROM keel_meta \
+             WHERE key != 'token' ORDER BY key)",
+        )
+        .await;
+        assert_eq!(keys, "also,kept");
+        p.close().await;
+    }
+
+    #[tokio::test]
+    async fn in_memory_databases_are_separate() {
+        let a = SqliteProvider::in_memory_with(options()).await.unwrap();
+        let b = SqliteProvider::in_memory_with(options()).await.unwrap();
+        a.create_instance(new_instance("x"), OnConflict::Fail)
+            .await
+            .unwrap();
+        assert!(a.get_instance(&id("x")).await.is_ok());
+        assert_eq!(
+            b.get_instance(&id("x")).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
     }
 }
