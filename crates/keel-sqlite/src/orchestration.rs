@@ -474,11 +474,24 @@ async fn ack_one(
     for &cancel in &ack.cancel {
         activity::cancel(&mut ctx.conn, id, current, cancel, now).await?;
     }
-    for (to, visible_at, body) in &ack.messages {
-        instance::insert_message(&mut ctx.conn, to, visible_at.unwrap_or(now), now, body).await?;
-    }
+    // Children first, so that messages to them (a cancel in the same turn) find them.
     for child in &ack.children {
         instance::insert(ctx, child).await?;
+    }
+    for (to, visible_at, body) in &ack.messages {
+        // A message to an instance that no longer exists (a report to a deleted parent)
+        // would never be fetched: it is dropped rather than left behind.
+        sqlx::query(
+            "INSERT INTO messages (instance, visible_at, enqueued_at, body) \
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM instances WHERE id = ?1)",
+        )
+        .bind(to)
+        .bind(visible_at.unwrap_or(now))
+        .bind(now)
+        .bind(body)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(db)?;
     }
     for &message in &ack.consumed {
         sqlx::query("DELETE FROM messages WHERE id = ?1 AND instance = ?2")

@@ -118,6 +118,8 @@ impl SqliteProvider {
         let readers = SqlitePoolOptions::new()
             .max_connections(options.readers)
             .min_connections(0)
+            // A local file does not drop connections: skip the ping on every acquire.
+            .test_before_acquire(false)
             .connect_lazy_with(readers.pragma("query_only", "ON"));
         let wake = Arc::new(Wake::default());
         let writer = Writer::spawn(conn, Arc::clone(&options.clock), Arc::clone(&wake));
