@@ -368,10 +368,10 @@ pub async fn max_instances_is_respected(store: TestStore) {
 /// A paused instance is not fetched, though it has messages; resumed, it is.
 pub async fn a_paused_instance_is_not_fetched(store: TestStore) {
     let p = &*store.provider;
+    let b = started(p, "b").await;
     p.create_instance(new_instance("a"), OnConflict::Fail)
         .await
         .unwrap();
-    let b = started(p, "b").await;
     p.pause(&id("a")).await.unwrap();
     assert_eq!(
         p.get_instance(&id("a")).await.unwrap().status,
