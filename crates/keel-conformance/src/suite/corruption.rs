@@ -281,9 +281,10 @@ pub async fn payload_bytes_are_stored_as_they_are(store: TestStore) {
     assert!(
         matches!(&work.messages[0].message, Message::Start { input, .. } if *input == postcard)
     );
-    assert!(
-        matches!(&work.messages[1].message, Message::Signal { payload, .. } if *payload == malformed_json)
-    );
+    let Message::Signal { payload: got, .. } = &work.messages[1].message else {
+        panic!("expected the signal, got {:?}", work.messages[1].message);
+    };
+    assert_eq!(got, &malformed_json);
     p.abandon_lock(&work.lock, std::time::Duration::ZERO)
         .await
         .expect("abandon");

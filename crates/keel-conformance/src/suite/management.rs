@@ -308,11 +308,13 @@ pub async fn read_history_reads_earlier_executions_after_continue_as_new(store: 
         .expect("the next execution starts");
     let messages: Vec<&Message> = work.messages.iter().map(|m| &m.message).collect();
     assert_eq!(messages.len(), 2, "{messages:?}");
-    assert!(
-        matches!(messages[0], Message::Start { execution, input, .. } if *execution == second && *input == input2),
-        "{:?}",
-        messages[0]
-    );
+    let Message::Start {
+        execution, input, ..
+    } = messages[0]
+    else {
+        panic!("expected the next execution's start, got {:?}", messages[0]);
+    };
+    assert_eq!((*execution, input), (second, &input2));
     assert_eq!(messages[1], &signal("carried", 9));
     let second_events = vec![marker(at, 1)];
     let mut ack = ack_all(&work);

@@ -15,6 +15,7 @@ pub mod control;
 pub mod management;
 pub mod wakeups;
 pub mod corruption;
+pub mod model;
 
 /// Stamps every area. Add a new area here.
 #[doc(hidden)]
@@ -34,5 +35,6 @@ macro_rules! __all_areas {
         $crate::__conformance_management!($factory);
         $crate::__conformance_wakeups!($factory);
         $crate::__conformance_corruption!($factory);
+        $crate::__conformance_model!($factory);
     };
 }
