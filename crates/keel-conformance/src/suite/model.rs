@@ -5,8 +5,19 @@
 //! what earlier cases left. A failing case is shrunk (by proptest's value trees, driven
 //! here so that each run can be async) and reported with its smallest sequence.
 
+/// Returns the error `format!($why)` unless `$cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $($why:tt)+) => {
+        if !$cond {
+            return Err(format!($($why)+));
+        }
+    };
+}
+
 mod harness;
 mod state;
+mod turns;
+mod work;
 
 use std::time::Duration;
 
