@@ -31,6 +31,7 @@ macro_rules! __conformance_activities {
                 a_fetch_returns_only_items_of_its_queues,
                 a_fetch_of_several_queues_returns_items_of_each,
                 a_fetch_returns_at_most_max_items,
+                a_fetch_returns_at_most_the_providers_max_fetch_items,
                 an_expired_lease_makes_the_item_leasable_again,
                 a_renewed_lease_outlives_its_first_expiry,
                 renewing_an_expired_lease_is_stale_and_changes_nothing,
@@ -259,6 +260,31 @@ pub async fn a_fetch_returns_at_most_max_items(store: TestStore) {
         lease(p, 2).await.len(),
     ];
     assert_eq!(sizes, [2, 2, 1, 0]);
+}
+
+/// However many items a fetch asks for, it leases at most the provider's
+/// `max_fetch_items`, and the rest stay queued.
+pub async fn a_fetch_returns_at_most_the_providers_max_fetch_items(store: TestStore) {
+    // Filling the queue past the cap costs time in proportion to it.
+    const AFFORDABLE: usize = 2_000;
+    let cap = store.capabilities().max_fetch_items;
+    if cap >= AFFORDABLE {
+        eprintln!(
+            "SKIPPED activities::a_fetch_returns_at_most_the_providers_max_fetch_items: \
+             max_fetch_items is {cap}, above the {AFFORDABLE} this test can afford to fill"
+        );
+        return;
+    }
+    let p = &*store.provider;
+    let total = cap + 3;
+    schedule_n(p, u64::try_from(total).expect("small")).await;
+    let first = lease(p, cap * 10).await.len();
+    assert!(
+        (1..=cap).contains(&first),
+        "leased {first}, expected 1 to max_fetch_items = {cap}"
+    );
+    let rest = lease(p, cap * 10).await.len() + lease(p, cap * 10).await.len();
+    assert_eq!(first + rest, total, "the rest stayed queued");
 }
 
 /// A lease that expires makes the item visible again: a new lease, one more delivery,

@@ -39,6 +39,8 @@ macro_rules! __conformance_management {
                 list_instances_filters_by_name,
                 list_instances_filters_by_creation_time,
                 list_instances_filters_by_tag,
+                list_instances_filters_combine,
+                a_listing_page_holds_at_most_max_page,
                 list_instances_pages_visit_each_instance_once_in_creation_order,
                 queue_depths_count_each_kind_of_queued_work,
                 purge_removes_only_instances_that_ended_before_the_cutoff,
@@ -440,6 +442,59 @@ pub async fn list_instances_filters_by_tag(store: TestStore) {
     assert_eq!(list_all(p, tag("env", "prod")).await, ["d"]);
     assert!(list_all(p, tag("team", "none")).await.is_empty());
     assert!(list_all(p, tag("billing", "team")).await.is_empty());
+}
+
+/// Filters combine: an instance is listed only when it matches every one that is set.
+pub async fn list_instances_filters_combine(store: TestStore) {
+    let p = &*store.provider;
+    let specs = [
+        ("a", "billing", "eu", true),
+        ("b", "billing", "us", true),
+        ("c", "search", "eu", true),
+        ("d", "billing", "eu", false),
+    ];
+    for (instance, name, region, finish) in specs {
+        let mut new = new_instance(instance);
+        new.name = name.to_owned();
+        new.tags = BTreeMap::from([("region".to_owned(), region.to_owned())]);
+        let id = create(p, new).await;
+        if finish {
+            end(p, &id, ended(instance)).await;
+        }
+        store.advance(Duration::from_millis(10)).await;
+    }
+    let query = InstanceQuery {
+        statuses: vec![InstanceStatus::Completed],
+        name: Some("billing".to_owned()),
+        tag: Some(("region".to_owned(), "eu".to_owned())),
+        ..InstanceQuery::default()
+    };
+    assert_eq!(list_all(p, query).await, ["a"]);
+}
+
+/// A page asking for more than the provider's `max_page` holds at most `max_page`
+/// items, and the cursor leads to the rest.
+pub async fn a_listing_page_holds_at_most_max_page(store: TestStore) {
+    // Creating instances past the cap costs time in proportion to it.
+    const AFFORDABLE: usize = 2_000;
+    let cap = store.capabilities().max_page;
+    if cap >= AFFORDABLE {
+        eprintln!(
+            "SKIPPED management::a_listing_page_holds_at_most_max_page: max_page is {cap}, \
+             above the {AFFORDABLE} this test can afford to fill"
+        );
+        return;
+    }
+    let p = &*store.provider;
+    for n in 0..=cap {
+        create(p, new_instance(&format!("i{n:05}"))).await;
+    }
+    let first = p
+        .list_instances(InstanceQuery::default(), PageRequest::first(cap * 10))
+        .await
+        .expect("list");
+    assert!(first.items.len() <= cap, "a page of {}", first.items.len());
+    assert_eq!(list_all(p, InstanceQuery::default()).await.len(), cap + 1);
 }
 
 /// Following the cursor visits every instance exactly once, in creation order, even
