@@ -12,7 +12,7 @@ use crate::dead_letter;
 use crate::error::db;
 use crate::instance;
 use crate::provider::SqliteProvider;
-use crate::writer::{WriteCtx, end_savepoint, savepoint};
+use crate::writer::WriteCtx;
 
 fn stale(lease: &LeaseToken) -> ProviderError {
     ProviderError::stale(format!("the lease on work item {}", lease.item()))
@@ -89,17 +89,8 @@ pub(crate) async fn complete(
         return Ok(Vec::new());
     }
     let limit = p.inner.capabilities.max_record_bytes;
-    p.write(move |ctx| {
-        Box::pin(async move {
-            let mut results = Vec::with_capacity(completions.len());
-            for completion in completions {
-                savepoint(ctx).await?;
-                let result = complete_one(ctx, completion, limit).await;
-                end_savepoint(ctx, result.is_ok()).await?;
-                results.push(result);
-            }
-            Ok(results)
-        })
+    p.write_each(completions, move |ctx, completion| {
+        Box::pin(complete_one(ctx, completion, limit))
     })
     .await
 }

@@ -18,7 +18,7 @@ use crate::convert::{
 use crate::error::db;
 use crate::instance::{self, PreparedInstance};
 use crate::provider::SqliteProvider;
-use crate::writer::{WriteCtx, allocate_tokens, end_savepoint, savepoint};
+use crate::writer::{WriteCtx, allocate_tokens};
 
 pub(crate) async fn fetch(
     p: &SqliteProvider,
@@ -394,21 +394,16 @@ pub(crate) async fn ack_turns(p: &SqliteProvider, acks: Vec<Ack>) -> Result<Vec<
         }
     }
     if !prepared.is_empty() {
+        let (indexes, prepared): (Vec<usize>, Vec<PreparedAck>) = prepared.into_iter().unzip();
         let committed = p
-            .write(move |ctx| {
+            .write_each(prepared, move |ctx, ack| {
                 Box::pin(async move {
-                    let mut out = Vec::with_capacity(prepared.len());
-                    for (i, ack) in prepared {
-                        savepoint(ctx).await?;
-                        let result = ack_one(ctx, &ack, max_history, max_record).await;
-                        end_savepoint(ctx, result.is_ok()).await?;
-                        out.push((i, result));
-                    }
                     ctx.wake(WorkKind::Orchestrations);
-                    Ok(out)
+                    ack_one(ctx, &ack, max_history, max_record).await
                 })
             })
             .await?;
+        let committed = indexes.into_iter().zip(committed);
         for (i, result) in committed {
             if let Some(slot) = results.get_mut(i) {
                 *slot = Some(result);

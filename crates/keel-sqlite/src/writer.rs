@@ -9,13 +9,13 @@
 //! sent only once the commit has succeeded; if the commit fails, every request of
 //! the group gets the error.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::future::BoxFuture;
 use keel_core::Timestamp;
 use keel_provider::{Clock, ProviderError, Result, WorkKind};
-use sqlx::Executor;
 use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +37,8 @@ pub(crate) struct WriteCtx {
     clock: Arc<dyn Clock>,
     wake_orchestrations: bool,
     wake_activities: bool,
+    /// Tokens reserved in the database and not handed out yet.
+    tokens: Range<i64>,
 }
 
 impl WriteCtx {
@@ -145,6 +147,7 @@ impl Writer {
             clock,
             wake_orchestrations: false,
             wake_activities: false,
+            tokens: 0..0,
         };
         tokio::spawn(run(ctx, receiver, wake, Arc::clone(&commits)));
         Self { sender, commits }
@@ -233,55 +236,56 @@ async fn run(
 
 /// Runs `group` in one transaction, each request in its own savepoint, and answers
 /// every request. Returns whether the transaction committed.
+///
+/// Transaction control rides along in as few round trips to SQLite's thread as
+/// possible: `BEGIN` with the first savepoint, each savepoint's end with the next one's
+/// start, and the last end with `COMMIT`.
 async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>) -> bool {
-    if let Err(error) = ctx.conn.execute("BEGIN IMMEDIATE").await.map_err(db) {
-        for job in group {
-            job.fail(replicate(&error));
-        }
-        return false;
-    }
-    let mut replies = Vec::with_capacity(group.len());
+    let mut replies: Vec<Box<dyn Reply>> = Vec::with_capacity(group.len());
     let mut broken: Option<ProviderError> = None;
     for job in group {
         if let Some(error) = &broken {
             job.fail(replicate(error));
             continue;
         }
-        if let Err(error) = ctx.conn.execute("SAVEPOINT request").await.map_err(db) {
+        let open = match replies.last() {
+            None => "BEGIN IMMEDIATE; SAVEPOINT request",
+            Some(previous) if previous.keep() => "RELEASE request; SAVEPOINT request",
+            Some(_) => "ROLLBACK TO request; RELEASE request; SAVEPOINT request",
+        };
+        if let Err(error) = sqlx::raw_sql(open).execute(&mut ctx.conn).await {
+            // Some errors (a full disk, an I/O error) roll the whole transaction back,
+            // taking the savepoints with them: nothing of this group can commit.
+            let error = db(error);
             job.fail(replicate(&error));
             broken = Some(error);
             continue;
         }
         let reply = job.run(ctx).await;
-        let end = if reply.keep() {
-            ctx.conn.execute("RELEASE request").await
-        } else {
-            match ctx.conn.execute("ROLLBACK TO request").await {
-                Ok(_) => ctx.conn.execute("RELEASE request").await,
-                Err(error) => Err(error),
-            }
-        };
-        if let Err(error) = end {
-            // Some errors (a full disk, an I/O error) roll the whole transaction back,
-            // taking the savepoint with them: nothing of this group can commit.
-            broken = Some(db(error));
+        if !reply.keep() {
+            // Its token reservation, if it made one, is rolled back with it.
+            ctx.tokens = 0..0;
         }
         replies.push(reply);
     }
     let failure = match broken {
-        Some(error) => {
-            let _ = ctx.conn.execute("ROLLBACK").await;
-            Some(error)
+        Some(error) => Some(error),
+        None => {
+            let close = match replies.last() {
+                Some(last) if !last.keep() => "ROLLBACK TO request; RELEASE request; COMMIT",
+                _ => "RELEASE request; COMMIT",
+            };
+            sqlx::raw_sql(close)
+                .execute(&mut ctx.conn)
+                .await
+                .err()
+                .map(db)
         }
-        None => match ctx.conn.execute("COMMIT").await {
-            Ok(_) => None,
-            Err(error) => {
-                let _ = ctx.conn.execute("ROLLBACK").await;
-                Some(db(error))
-            }
-        },
     };
     if let Some(error) = &failure {
+        // Harmless when the failure already ended the transaction.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut ctx.conn).await;
+        ctx.tokens = 0..0;
         tracing::warn!(%error, requests = replies.len(), "a SQLite group commit failed");
     }
     let committed = failure.is_none();
@@ -291,32 +295,60 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>) -> bool {
     committed
 }
 
-/// Opens a savepoint inside a request, for one item of a batch (an ack, a
-/// completion) that must fail alone.
-pub(crate) async fn savepoint(ctx: &mut WriteCtx) -> Result<()> {
-    ctx.conn.execute("SAVEPOINT item").await.map_err(db)?;
-    Ok(())
-}
-
-/// Closes the savepoint [`savepoint`] opened, keeping its writes or rolling them back.
-pub(crate) async fn end_savepoint(ctx: &mut WriteCtx, keep: bool) -> Result<()> {
-    if !keep {
-        ctx.conn.execute("ROLLBACK TO item").await.map_err(db)?;
-    }
-    ctx.conn.execute("RELEASE item").await.map_err(db)?;
-    Ok(())
-}
-
-/// Reserves `n` lock or lease tokens and returns the first: they come from the
-/// database, so they never repeat, across restarts and processes.
-pub(crate) async fn allocate_tokens(ctx: &mut WriteCtx, n: usize) -> Result<i64> {
-    let n = i64::try_from(n).unwrap_or(i64::MAX);
-    let row =
-        sqlx::query("UPDATE keel_meta SET value = value + ?1 WHERE key = 'token' RETURNING value")
-            .bind(n)
-            .fetch_one(&mut ctx.conn)
+/// Runs `each` on every item in its own savepoint, so that one failing item rolls
+/// back alone: one result per item, in order.
+pub(crate) async fn each_in_savepoint<T, R>(
+    ctx: &mut WriteCtx,
+    items: Vec<T>,
+    mut each: impl for<'c> FnMut(&'c mut WriteCtx, T) -> BoxFuture<'c, Result<R>>,
+) -> Result<Vec<Result<R>>> {
+    let mut results: Vec<Result<R>> = Vec::with_capacity(items.len());
+    for item in items {
+        let open = match results.last() {
+            None => "SAVEPOINT item",
+            Some(Ok(_)) => "RELEASE item; SAVEPOINT item",
+            Some(Err(_)) => "ROLLBACK TO item; RELEASE item; SAVEPOINT item",
+        };
+        sqlx::raw_sql(open)
+            .execute(&mut ctx.conn)
             .await
             .map_err(db)?;
-    let last: i64 = sqlx::Row::try_get(&row, 0).map_err(db)?;
-    Ok(last - n + 1)
+        results.push(each(ctx, item).await);
+    }
+    let close = match results.last() {
+        None => return Ok(results),
+        Some(Ok(_)) => "RELEASE item",
+        Some(Err(_)) => "ROLLBACK TO item; RELEASE item",
+    };
+    sqlx::raw_sql(close)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+    Ok(results)
+}
+
+/// How many tokens one reservation takes from the database.
+const TOKEN_BLOCK: i64 = 1024;
+
+/// Takes `n` consecutive lock or lease tokens and returns the first. They come from
+/// blocks reserved in the database in the same transaction that uses them, so they
+/// never repeat, across restarts and processes; a block whose reservation was rolled
+/// back is forgotten.
+pub(crate) async fn allocate_tokens(ctx: &mut WriteCtx, n: usize) -> Result<i64> {
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    if ctx.tokens.end.saturating_sub(ctx.tokens.start) < n {
+        let block = n.max(TOKEN_BLOCK);
+        let row = sqlx::query(
+            "UPDATE keel_meta SET value = value + ?1 WHERE key = 'token' RETURNING value",
+        )
+        .bind(block)
+        .fetch_one(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+        let last: i64 = sqlx::Row::try_get(&row, 0).map_err(db)?;
+        ctx.tokens = (last - block + 1)..(last + 1);
+    }
+    let first = ctx.tokens.start;
+    ctx.tokens.start += n;
+    Ok(first)
 }
