@@ -174,11 +174,11 @@ impl SqliteProvider {
         R: Send + 'static,
         F: for<'c> FnMut(&'c mut WriteCtx, T) -> BoxFuture<'c, Result<R>> + Send + 'static,
     {
-        if items.len() == 1 {
-            if let Some(item) = items.pop() {
-                let mut each = each;
-                return Ok(vec![self.write(move |ctx| each(ctx, item)).await]);
-            }
+        if items.len() == 1
+            && let Some(item) = items.pop()
+        {
+            let mut each = each;
+            return Ok(vec![self.write(move |ctx| each(ctx, item)).await]);
         }
         self.write(move |ctx| Box::pin(crate::writer::each_in_savepoint(ctx, items, each)))
             .await
