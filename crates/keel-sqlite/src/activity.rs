@@ -8,10 +8,10 @@ use keel_core::{Failure, WorkItem, decode_record, encode_record};
 use keel_provider::{
     ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, Result, WorkKind,
 };
-use sqlx::sqlite::SqliteConnection;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::convert::{
-    check_size, col, count, from_bits, later, millis, small, timestamp, u64_bits,
+    check_size, col, count, from_bits, int_array, later, millis, small, timestamp, u64_bits,
 };
 use crate::dead_letter;
 use crate::error::db;
@@ -24,14 +24,14 @@ const WINDOW_MILLIS: i64 = 1_000;
 /// A work item ready to insert: encoded and size-checked, off the writer.
 #[derive(Debug)]
 pub(crate) struct PreparedItem {
-    instance: String,
-    execution: i64,
-    op: i64,
-    name: String,
-    queue: String,
-    priority: i64,
-    attempt: i64,
-    body: Vec<u8>,
+    pub(crate) instance: String,
+    pub(crate) execution: i64,
+    pub(crate) op: i64,
+    pub(crate) name: String,
+    pub(crate) queue: String,
+    pub(crate) priority: i64,
+    pub(crate) attempt: i64,
+    pub(crate) body: Vec<u8>,
 }
 
 /// Encodes `item`, checking it against `limit`.
@@ -79,46 +79,14 @@ pub(crate) async fn insert_item(
     Ok(())
 }
 
-/// Cancels the items of one operation: queued ones (or ones whose lease expired) are
-/// deleted, leased ones marked so that their renewal fails and their outcome is dropped.
-pub(crate) async fn cancel(
-    conn: &mut SqliteConnection,
-    instance: &str,
-    execution: i64,
-    op: i64,
-    now: i64,
-) -> Result<()> {
-    sqlx::query(
-        "DELETE FROM work_items WHERE instance = ?1 AND execution = ?2 AND op = ?3 \
-         AND (lease_token IS NULL OR visible_at <= ?4)",
-    )
-    .bind(instance)
-    .bind(execution)
-    .bind(op)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    sqlx::query(
-        "UPDATE work_items SET cancelled = 1 WHERE instance = ?1 AND execution = ?2 \
-         AND op = ?3 AND lease_token IS NOT NULL AND visible_at > ?4",
-    )
-    .bind(instance)
-    .bind(execution)
-    .bind(op)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(())
-}
-
 /// A claimable item, as the candidate scan sees it.
 #[derive(Debug)]
 struct Candidate {
     id: i64,
     name: String,
     priority: i64,
+    /// The name's limits, when it has any.
+    limits: Option<ActivityLimits>,
 }
 
 /// One queue's candidates, read a page at a time in (priority desc, id) order.
@@ -178,26 +146,68 @@ async fn fetch_tx(
 ) -> Result<Vec<LeasedWorkItem>> {
     let now_ts = ctx.now();
     let now = millis(now_ts);
-    // Cancelled items whose lease ran out will never be completed: drop them.
-    sqlx::query("DELETE FROM work_items WHERE cancelled = 1 AND visible_at <= ?1")
-        .bind(now)
-        .execute(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-    let mut limits = HashMap::new();
-    for row in sqlx::query("SELECT name, max_concurrent, max_per_second FROM activity_limits")
-        .fetch_all(&mut ctx.conn)
-        .await
-        .map_err(db)?
-    {
-        let limit = |v: Option<i64>| v.map(|v| small(v, "an activity limit")).transpose();
-        let name: String = col(&row, 0)?;
-        let limits_of = ActivityLimits {
-            max_concurrent: limit(col(&row, 1)?)?,
-            max_per_second: limit(col(&row, 2)?)?,
-        };
-        limits.insert(name, limits_of);
+    let picked = pick(ctx, queues, max, now).await?;
+    if picked.is_empty() {
+        return Ok(Vec::new());
     }
+    let first_token = allocate_tokens(ctx, picked.len()).await?;
+    let leased_until = later(now_ts, lease_for);
+    // One statement leases them all (token = first + position); a second records the
+    // lease starts of rate-limited names.
+    let rows = sqlx::query(
+        "UPDATE work_items SET lease_token = ?3 + j.key, visible_at = ?4, \
+           deliveries = deliveries + 1 \
+         FROM json_each(?1) AS j WHERE work_items.id = j.value \
+         RETURNING work_items.id, instance, execution, op, name, attempt, deliveries, body; \
+         INSERT INTO lease_starts (name, started_at) \
+         SELECT w.name, ?2 FROM json_each(?1) AS j JOIN work_items w ON w.id = j.value \
+         JOIN activity_limits l ON l.name = w.name WHERE l.max_per_second IS NOT NULL",
+    )
+    .bind(int_array(picked.iter().map(|c| c.id)))
+    .bind(now)
+    .bind(first_token)
+    .bind(leased_until)
+    .fetch_all(&mut ctx.conn)
+    .await
+    .map_err(db)?;
+    let mut by_id = HashMap::with_capacity(rows.len());
+    for row in rows {
+        by_id.insert(col::<i64>(&row, 0)?, row);
+    }
+    let mut leased = Vec::with_capacity(picked.len());
+    for (candidate, token) in picked.into_iter().zip(first_token..) {
+        let Some(row) = by_id.remove(&candidate.id) else {
+            continue;
+        };
+        let item = match decode_record::<WorkItem>(&col::<Vec<u8>>(&row, 7)?) {
+            Ok(mut item) => {
+                // The column is the truth: retries update it without re-encoding.
+                item.attempt = small(col(&row, 5)?, "attempt")?;
+                item
+            }
+            Err(error) => {
+                dead_letter_corrupt(ctx, &row, candidate.id, &error, now).await?;
+                continue;
+            }
+        };
+        leased.push(LeasedWorkItem {
+            lease: LeaseToken::new(from_bits(candidate.id), from_bits(token)),
+            leased_until: timestamp(leased_until),
+            item,
+            deliveries: small(col(&row, 6)?, "deliveries")?,
+        });
+    }
+    Ok(leased)
+}
+
+/// Chooses up to `max` visible items of `queues`, highest priority then oldest across
+/// the queues, within their names' limits.
+async fn pick(
+    ctx: &mut WriteCtx,
+    queues: Vec<String>,
+    max: usize,
+    now: i64,
+) -> Result<Vec<Candidate>> {
     let mut budgets: HashMap<String, NameBudget> = HashMap::new();
     let mut scans: Vec<QueueScan> = queues
         .into_iter()
@@ -216,7 +226,6 @@ async fn fetch_tx(
                 refill(&mut ctx.conn, scan, now, page).await?;
             }
         }
-        // The best head across queues: highest priority, then oldest.
         let best = scans
             .iter()
             .enumerate()
@@ -226,9 +235,9 @@ async fn fetch_tx(
         let Some(candidate) = best.and_then(|i| scans.get_mut(i)?.buffer.pop_front()) else {
             break;
         };
-        if let Some(limit) = limits.get(&candidate.name) {
+        if let Some(limits) = candidate.limits {
             if !budgets.contains_key(&candidate.name) {
-                let budget = load_budget(&mut ctx.conn, &candidate.name, *limit, now).await?;
+                let budget = load_budget(&mut ctx.conn, &candidate.name, limits, now).await?;
                 budgets.insert(candidate.name.clone(), budget);
             }
             if let Some(budget) = budgets.get_mut(&candidate.name) {
@@ -241,81 +250,48 @@ async fn fetch_tx(
         }
         picked.push(candidate);
     }
-    if picked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let first_token = allocate_tokens(ctx, picked.len()).await?;
-    let leased_until = later(now_ts, lease_for);
-    let mut leased = Vec::with_capacity(picked.len());
-    for (token, candidate) in (first_token..).zip(picked) {
-        let row = sqlx::query(
-            "UPDATE work_items SET lease_token = ?2, visible_at = ?3, \
-             deliveries = deliveries + 1 WHERE id = ?1 \
-             RETURNING instance, execution, op, name, attempt, deliveries, body",
-        )
-        .bind(candidate.id)
-        .bind(token)
-        .bind(leased_until)
-        .fetch_one(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-        if limits
-            .get(&candidate.name)
-            .is_some_and(|l| l.max_per_second.is_some())
-        {
-            sqlx::query("INSERT INTO lease_starts (name, started_at) VALUES (?1, ?2)")
-                .bind(&candidate.name)
-                .bind(now)
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(db)?;
-        }
-        let decoded = decode_record::<WorkItem>(&col::<Vec<u8>>(&row, 6)?);
-        let mut item = match decoded {
-            Ok(item) => item,
-            Err(error) => {
-                // Never handed out: set aside for a human, with what the columns know.
-                tracing::warn!(item = candidate.id, %error, "dead-lettering an undecodable work item");
-                let failure = Failure::new(
-                    Failure::DECODE,
-                    format!("the stored work item cannot be decoded: {error}"),
-                )
-                .retryable(false);
-                dead_letter::insert(
-                    &mut ctx.conn,
-                    &dead_letter::Record {
-                        instance: &col::<String>(&row, 0)?,
-                        execution: col(&row, 1)?,
-                        op: col(&row, 2)?,
-                        name: &col::<String>(&row, 3)?,
-                        attempts: col(&row, 4)?,
-                        failure: &failure,
-                        item: None,
-                    },
-                    now,
-                )
-                .await?;
-                sqlx::query("DELETE FROM work_items WHERE id = ?1")
-                    .bind(candidate.id)
-                    .execute(&mut ctx.conn)
-                    .await
-                    .map_err(db)?;
-                continue;
-            }
-        };
-        // The column is the truth: retries update it without re-encoding the item.
-        item.attempt = small(col(&row, 4)?, "attempt")?;
-        leased.push(LeasedWorkItem {
-            lease: LeaseToken::new(from_bits(candidate.id), from_bits(token)),
-            leased_until: timestamp(leased_until),
-            item,
-            deliveries: small(col(&row, 5)?, "deliveries")?,
-        });
-    }
-    Ok(leased)
+    Ok(picked)
 }
 
-/// Reads the next page of `scan`'s queue.
+/// Sets aside an item whose stored bytes do not decode: a dead letter with what the
+/// columns know, never handed out.
+async fn dead_letter_corrupt(
+    ctx: &mut WriteCtx,
+    row: &SqliteRow,
+    id: i64,
+    error: &keel_core::RecordError,
+    now: i64,
+) -> Result<()> {
+    tracing::warn!(item = id, %error, "dead-lettering an undecodable work item");
+    let failure = Failure::new(
+        Failure::DECODE,
+        format!("the stored work item cannot be decoded: {error}"),
+    )
+    .retryable(false);
+    dead_letter::insert(
+        &mut ctx.conn,
+        &dead_letter::Record {
+            instance: &col::<String>(row, 1)?,
+            execution: col(row, 2)?,
+            op: col(row, 3)?,
+            name: &col::<String>(row, 4)?,
+            attempts: col(row, 5)?,
+            failure: &failure,
+            item: None,
+        },
+        now,
+    )
+    .await?;
+    sqlx::query("DELETE FROM work_items WHERE id = ?1")
+        .bind(id)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// Reads the next page of `scan`'s queue, with each item's limits. Cancelled items
+/// whose lease ran out will never be completed: they are dropped on the way.
 async fn refill(
     conn: &mut SqliteConnection,
     scan: &mut QueueScan,
@@ -323,13 +299,16 @@ async fn refill(
     page: i64,
 ) -> Result<()> {
     let rows = sqlx::query(
-        "SELECT id, name, priority FROM work_items \
-         WHERE queue = ?1 AND cancelled = 0 AND visible_at <= ?2 \
-           AND (priority < ?3 OR (priority = ?3 AND id > ?4)) \
-         ORDER BY priority DESC, id LIMIT ?5",
+        "DELETE FROM work_items WHERE cancelled = 1 AND visible_at <= ?1; \
+         SELECT w.id, w.name, w.priority, l.name IS NOT NULL, l.max_concurrent, \
+           l.max_per_second \
+         FROM work_items w LEFT JOIN activity_limits l ON l.name = w.name \
+         WHERE w.queue = ?2 AND w.cancelled = 0 AND w.visible_at <= ?1 \
+           AND (w.priority < ?3 OR (w.priority = ?3 AND w.id > ?4)) \
+         ORDER BY w.priority DESC, w.id LIMIT ?5",
     )
-    .bind(&scan.queue)
     .bind(now)
+    .bind(&scan.queue)
     .bind(scan.after.0)
     .bind(scan.after.1)
     .bind(page)
@@ -339,11 +318,21 @@ async fn refill(
     if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page {
         scan.done = true;
     }
+    let limit = |v: Option<i64>| v.map(|v| small(v, "an activity limit")).transpose();
     for row in &rows {
+        let limits = if col::<bool>(row, 3)? {
+            Some(ActivityLimits {
+                max_concurrent: limit(col(row, 4)?)?,
+                max_per_second: limit(col(row, 5)?)?,
+            })
+        } else {
+            None
+        };
         let candidate = Candidate {
             id: col(row, 0)?,
             name: col(row, 1)?,
             priority: col(row, 2)?,
+            limits,
         };
         scan.after = (candidate.priority, candidate.id);
         scan.buffer.push_back(candidate);

@@ -158,3 +158,40 @@ pub(crate) fn check_size(what: impl FnOnce() -> String, size: usize, limit: usiz
     }
     Ok(())
 }
+
+/// Bytes as lowercase hex, for passing several blobs in one JSON parameter (SQLite
+/// turns them back with `unhex`).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
+}
+
+/// A JSON array of integers, for `json_each` parameters.
+pub(crate) fn int_array(values: impl IntoIterator<Item = i64>) -> String {
+    let mut out = String::from("[");
+    for (i, value) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&value.to_string());
+    }
+    out.push(']');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_and_int_arrays() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(int_array([1, -2, 3]), "[1,-2,3]");
+        assert_eq!(int_array([]), "[]");
+    }
+}

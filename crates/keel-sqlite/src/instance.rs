@@ -132,16 +132,18 @@ pub(crate) async fn insert(ctx: &mut WriteCtx, instance: &PreparedInstance) -> R
     Ok(true)
 }
 
-/// Enqueues one encoded message.
+/// Enqueues one encoded message for `instance`, visible at `visible_at`; returns
+/// whether the instance exists (nothing is stored when it does not).
 pub(crate) async fn insert_message(
     conn: &mut SqliteConnection,
     instance: &str,
     visible_at: i64,
     now: i64,
     body: &[u8],
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO messages (instance, visible_at, enqueued_at, body) VALUES (?1, ?2, ?3, ?4)",
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO messages (instance, priority, ready, visible_at, enqueued_at, body) \
+         SELECT id, priority, ?2 <= ?3, ?2, ?3, ?4 FROM instances WHERE id = ?1",
     )
     .bind(instance)
     .bind(visible_at)
@@ -149,8 +151,9 @@ pub(crate) async fn insert_message(
     .bind(body)
     .execute(conn)
     .await
-    .map_err(db)?;
-    Ok(())
+    .map_err(db)?
+    .rows_affected();
+    Ok(inserted > 0)
 }
 
 /// One instance read on `conn`, if it exists.
@@ -209,19 +212,8 @@ pub(crate) async fn send_message(
     p.write(move |ctx| {
         Box::pin(async move {
             let now = millis(ctx.now());
-            let inserted = sqlx::query(
-                "INSERT INTO messages (instance, visible_at, enqueued_at, body) \
-                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM instances WHERE id = ?1)",
-            )
-            .bind(instance.as_str())
-            .bind(visible_at.map_or(now, millis))
-            .bind(now)
-            .bind(&body)
-            .execute(&mut ctx.conn)
-            .await
-            .map_err(db)?
-            .rows_affected();
-            if inserted == 0 {
+            let visible_at = visible_at.map_or(now, millis);
+            if !insert_message(&mut ctx.conn, instance.as_str(), visible_at, now, &body).await? {
                 return Err(ProviderError::not_found(format!("instance {instance}")));
             }
             ctx.wake(WorkKind::Orchestrations);

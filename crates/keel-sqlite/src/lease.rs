@@ -1,5 +1,6 @@
 //! Leased work items: renewing, completing, retrying and abandoning a lease.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use keel_core::{Message, encode_record};
@@ -7,10 +8,8 @@ use keel_provider::{
     ActivityCompletion, ActivityRetry, ErrorKind, LeaseToken, ProviderError, Result, WorkKind,
 };
 
-use crate::convert::{check_size, col, execution, later, millis, op, u64_bits};
-use crate::dead_letter;
+use crate::convert::{check_size, col, execution, int_array, later, millis, op, u64_bits};
 use crate::error::db;
-use crate::instance;
 use crate::provider::SqliteProvider;
 use crate::writer::WriteCtx;
 
@@ -81,6 +80,16 @@ pub(crate) async fn renew(p: &SqliteProvider, lease: &LeaseToken, extend: Durati
     .await
 }
 
+/// A completion with its outcome message encoded and size-checked, off the writer.
+#[derive(Debug)]
+struct PreparedCompletion {
+    lease: LeaseToken,
+    /// The `ActivityDone` message for the instance.
+    message: Vec<u8>,
+    /// The failure, encoded, when the outcome is one: it becomes a dead letter too.
+    failure: Option<Vec<u8>>,
+}
+
 pub(crate) async fn complete(
     p: &SqliteProvider,
     completions: Vec<ActivityCompletion>,
@@ -89,44 +98,73 @@ pub(crate) async fn complete(
         return Ok(Vec::new());
     }
     let limit = p.inner.capabilities.max_record_bytes;
-    p.write_each(completions, move |ctx, completion| {
-        Box::pin(complete_one(ctx, completion, limit))
-    })
+    // An item's instance, execution and op never change: read them from a reader, so
+    // that the outcome messages are encoded off the writer.
+    let rows = sqlx::query(
+        "SELECT w.id, w.instance, w.execution, w.op \
+         FROM json_each(?1) AS j JOIN work_items w ON w.id = j.value",
+    )
+    .bind(int_array(
+        completions.iter().map(|c| u64_bits(c.lease.item())),
+    ))
+    .fetch_all(p.readers())
     .await
+    .map_err(db)?;
+    let mut items = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let id: i64 = col(row, 0)?;
+        items.insert(
+            id,
+            (
+                col::<String>(row, 1)?,
+                col::<i64>(row, 2)?,
+                col::<i64>(row, 3)?,
+            ),
+        );
+    }
+    let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(completions.len());
+    let mut indexes = Vec::new();
+    let mut prepared = Vec::new();
+    for (i, completion) in completions.into_iter().enumerate() {
+        let item = items.get(&u64_bits(completion.lease.item()));
+        match prepare(completion, item, limit) {
+            Ok(completion) => {
+                indexes.push(i);
+                prepared.push(completion);
+                results.push(None);
+            }
+            Err(error) => results.push(Some(Err(error))),
+        }
+    }
+    if !prepared.is_empty() {
+        let committed = p
+            .write_each(prepared, |ctx, completion| {
+                Box::pin(complete_one(ctx, completion))
+            })
+            .await?;
+        for (i, result) in indexes.into_iter().zip(committed) {
+            if let Some(slot) = results.get_mut(i) {
+                *slot = Some(result);
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(ProviderError::new(ErrorKind::Internal, "lost"))))
+        .collect())
 }
 
-/// Deletes a leased item and enqueues its outcome; the caller's savepoint undoes it
-/// on error.
-async fn complete_one(
-    ctx: &mut WriteCtx,
+fn prepare(
     completion: ActivityCompletion,
+    item: Option<&(String, i64, i64)>,
     limit: usize,
-) -> Result<()> {
-    let now = millis(ctx.now());
+) -> Result<PreparedCompletion> {
     let lease = completion.lease;
-    let row = sqlx::query(
-        "SELECT instance, execution, op, name, attempt, visible_at, cancelled, body \
-         FROM work_items WHERE id = ?1 AND lease_token = ?2",
-    )
-    .bind(u64_bits(lease.item()))
-    .bind(u64_bits(lease.token()))
-    .fetch_optional(&mut ctx.conn)
-    .await
-    .map_err(db)?
-    .ok_or_else(|| stale(&lease))?;
-    if col::<i64>(&row, 6)? != 0 {
-        // Cancelled while it ran: the orchestration no longer waits for the outcome.
-        return delete_item(ctx, &lease).await;
-    }
-    if col::<i64>(&row, 5)? <= now {
-        return Err(stale(&lease));
-    }
-    let instance: String = col(&row, 0)?;
-    let execution_raw: i64 = col(&row, 1)?;
-    let op_raw: i64 = col(&row, 2)?;
+    // Gone already: completed, cancelled and dropped, or its instance deleted.
+    let (instance, execution_raw, op_raw) = item.ok_or_else(|| stale(&lease))?;
     let message = Message::ActivityDone {
-        execution: execution(execution_raw)?,
-        op: op(op_raw),
+        execution: execution(*execution_raw)?,
+        op: op(*op_raw),
         outcome: completion.outcome,
     };
     let body = encode_record(&message)?;
@@ -135,27 +173,52 @@ async fn complete_one(
         body.len(),
         limit,
     )?;
-    delete_item(ctx, &lease).await?;
-    instance::insert_message(&mut ctx.conn, &instance, now, now, &body).await?;
-    if let Message::ActivityDone {
-        outcome: Err(failure),
-        ..
-    } = &message
-    {
-        dead_letter::insert(
-            &mut ctx.conn,
-            &dead_letter::Record {
-                instance: &instance,
-                execution: execution_raw,
-                op: op_raw,
-                name: &col::<String>(&row, 3)?,
-                attempts: col(&row, 4)?,
-                failure,
-                item: Some(&col::<Vec<u8>>(&row, 7)?),
-            },
-            now,
-        )
-        .await?;
+    let failure = match &message {
+        Message::ActivityDone {
+            outcome: Err(failure),
+            ..
+        } => Some(encode_record(failure)?),
+        _ => None,
+    };
+    Ok(PreparedCompletion {
+        lease,
+        message: body,
+        failure,
+    })
+}
+
+/// Completes one leased item in one round trip: enqueues the outcome (and the dead
+/// letter of a failure) while the lease is held and the item not cancelled, then
+/// deletes the item if the lease is held or it was cancelled. No row back means the
+/// lease is stale, and then nothing matched at all.
+const COMPLETE: &str = "\
+INSERT INTO messages (instance, priority, ready, visible_at, enqueued_at, body) \
+ SELECT w.instance, i.priority, 1, ?3, ?3, ?4 \
+ FROM work_items w JOIN instances i ON i.id = w.instance \
+ WHERE w.id = ?1 AND w.lease_token = ?2 AND w.visible_at > ?3 AND w.cancelled = 0; \
+INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, item, recorded_at) \
+ SELECT instance, execution, op, name, attempt, ?5, body, ?3 FROM work_items \
+ WHERE ?5 IS NOT NULL AND id = ?1 AND lease_token = ?2 AND visible_at > ?3 \
+   AND cancelled = 0; \
+DELETE FROM work_items \
+ WHERE id = ?1 AND lease_token = ?2 AND (visible_at > ?3 OR cancelled = 1) \
+ RETURNING cancelled";
+
+/// Completes one item; the caller's savepoint undoes it on error. An item cancelled
+/// while it ran is deleted and its outcome dropped.
+async fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<()> {
+    let now = millis(ctx.now());
+    let deleted = sqlx::query(COMPLETE)
+        .bind(u64_bits(completion.lease.item()))
+        .bind(u64_bits(completion.lease.token()))
+        .bind(now)
+        .bind(&completion.message)
+        .bind(completion.failure.as_deref())
+        .fetch_optional(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+    if deleted.is_none() {
+        return Err(stale(&completion.lease));
     }
     ctx.wake(WorkKind::Orchestrations);
     Ok(())

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod ack;
 mod activity;
 mod convert;
 mod dead_letter;

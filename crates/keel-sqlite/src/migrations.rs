@@ -79,12 +79,19 @@ CREATE INDEX instance_tags_by_value ON instance_tags (key, value);
 CREATE TABLE messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     instance TEXT NOT NULL,
+    -- The instance's priority (fixed at creation), copied so that the fetch walks one
+    -- index in claim order: highest priority, then oldest message.
+    priority INTEGER NOT NULL,
+    -- 1 once visible: set at insert when visible_at has passed, else by the first
+    -- fetch after it passes. Timers far in the future stay out of the fetch's index.
+    ready INTEGER NOT NULL,
     visible_at INTEGER NOT NULL,
     enqueued_at INTEGER NOT NULL,
     body BLOB NOT NULL
 );
--- The orchestration fetch: visible messages, grouped by instance, oldest id first.
-CREATE INDEX messages_by_visibility ON messages (visible_at, instance);
+CREATE INDEX messages_ready ON messages (priority DESC, id, visible_at, instance)
+    WHERE ready = 1;
+CREATE INDEX messages_delayed ON messages (visible_at) WHERE ready = 0;
 CREATE INDEX messages_by_instance ON messages (instance);
 
 CREATE TABLE history (

@@ -23,7 +23,7 @@ use crate::migrations;
 use crate::options::SqliteOptions;
 use crate::wake::Wake;
 use crate::writer::{WriteCtx, Writer};
-use crate::{activity, dead_letter, instance, lease, orchestration};
+use crate::{ack, activity, dead_letter, instance, lease, orchestration};
 
 /// Distinguishes the in-memory databases of one process.
 static MEMORY_DATABASES: AtomicU64 = AtomicU64::new(0);
@@ -238,7 +238,7 @@ impl Provider for SqliteProvider {
     }
 
     async fn ack_turns(&self, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
-        orchestration::ack_turns(self, acks).await
+        ack::ack_turns(self, acks).await
     }
 
     async fn suspend(&self, lock: &LockToken, reason: &str) -> Result<()> {
