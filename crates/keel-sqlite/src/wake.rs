@@ -115,7 +115,7 @@ async fn due_after(
         // Delayed messages, and instances whose lock was abandoned with a delay.
         WorkKind::Orchestrations => {
             "SELECT MIN(t) FROM ( \
-               SELECT MIN(visible_at) AS t FROM messages WHERE visible_at > ?1 \
+               SELECT MIN(visible_at) AS t FROM messages WHERE ready = 0 AND visible_at > ?1 \
                UNION ALL \
                SELECT MIN(locked_until) FROM instances \
                WHERE lock_token IS NULL AND locked_until IS NOT NULL AND locked_until > ?1)"
