@@ -1,7 +1,7 @@
 //! The instance lock: one holder at a time, expiry, renewal, abandonment, suspension,
 //! and the order in which instances are claimed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ macro_rules! __conformance_locking {
                 an_ack_releases_the_lock,
                 higher_priority_is_fetched_first,
                 oldest_message_first_among_equal_priority,
+                a_batch_takes_the_most_urgent_instances_in_order,
                 max_instances_is_respected,
                 a_paused_instance_is_not_fetched,
                 suspending_sets_the_status_and_reason_and_keeps_the_messages,
@@ -346,6 +347,40 @@ pub async fn oldest_message_first_among_equal_priority(store: TestStore) {
         order.push(work[0].lock.instance().clone());
     }
     assert_eq!(order, [c, a, b]);
+}
+
+/// A batch of several instances holds the most urgent ones (by priority, then oldest
+/// message), in that order.
+pub async fn a_batch_takes_the_most_urgent_instances_in_order(store: TestStore) {
+    let p = &*store.provider;
+    let plan = [
+        ("p0-old", 0),
+        ("p5-old", 5),
+        ("p1", 1),
+        ("p5-new", 5),
+        ("p3", 3),
+        ("p0-new", 0),
+    ];
+    for (name, priority) in plan {
+        let mut instance = new_instance(name);
+        instance.priority = priority;
+        p.create_instance(instance, OnConflict::Fail).await.unwrap();
+        store.advance(Duration::from_millis(5)).await;
+    }
+    let names = |work: Vec<keel_provider::OrchestrationWork>| -> Vec<String> {
+        work.iter()
+            .map(|w| w.lock.instance().as_str().to_owned())
+            .collect()
+    };
+    let first = names(fetch(p, 3).await);
+    let chosen: BTreeSet<&str> = first.iter().map(String::as_str).collect();
+    assert_eq!(
+        chosen,
+        BTreeSet::from(["p5-old", "p5-new", "p3"]),
+        "the three most urgent are claimed"
+    );
+    assert_eq!(first, ["p5-old", "p5-new", "p3"], "most urgent first");
+    assert_eq!(names(fetch(p, 3).await), ["p1", "p0-old", "p0-new"]);
 }
 
 /// A fetch returns at most `max_instances` instances.
