@@ -515,29 +515,43 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writes_share_one_transaction() {
+    async fn concurrent_acks_share_one_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let p = SqliteProvider::open_with(dir.path().join("keel.db"), options())
             .await
             .unwrap();
+        for i in 0..20 {
+            p.create_instance(new_instance(&format!("i{i}")), OnConflict::Fail)
+                .await
+                .unwrap();
+        }
+        let mut work = fetch(&p).await;
+        work.extend(fetch(&p).await);
+        assert_eq!(work.len(), 20);
         let before = p.transactions_committed();
         let slow = occupy_writer(&p).await;
-        let creates: Vec<_> = (0..20)
-            .map(|i| {
+        let acks: Vec<_> = work
+            .iter()
+            .map(|w| {
                 let p = p.clone();
-                tokio::spawn(async move {
-                    p.create_instance(new_instance(&format!("i{i}")), OnConflict::Fail)
-                        .await
-                })
+                let ack = Ack::new(w.lock.clone(), w.messages.iter().map(|m| m.id).collect());
+                tokio::spawn(async move { p.ack_turns(vec![ack]).await })
             })
             .collect();
         slow.await.unwrap();
-        for create in creates {
-            create.await.unwrap().unwrap();
+        for ack in acks {
+            ack.await.unwrap().unwrap().remove(0).unwrap();
         }
         let committed = p.transactions_committed() - before;
-        assert_eq!(committed, 2, "the slow request's, then one for all twenty");
-        assert_eq!(fetch(&p).await.len(), 10);
+        assert_eq!(
+            committed, 2,
+            "the slow request's, then one for all twenty acks"
+        );
+        for w in &work {
+            let record = p.get_instance(w.lock.instance()).await.unwrap();
+            assert_eq!(record.status, keel_core::InstanceStatus::Running);
+        }
+        assert!(fetch(&p).await.is_empty(), "every start was consumed");
         p.close().await;
     }
 

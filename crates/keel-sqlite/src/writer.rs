@@ -206,9 +206,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        if commit_group(&mut ctx, group).await {
-            commits.fetch_add(1, Ordering::Relaxed);
-        }
+        commit_group(&mut ctx, group, &commits).await;
         if std::mem::take(&mut ctx.wake_orchestrations) {
             wake.notify(WorkKind::Orchestrations);
         }
@@ -235,12 +233,12 @@ async fn run(
 }
 
 /// Runs `group` in one transaction, each request in its own savepoint, and answers
-/// every request. Returns whether the transaction committed.
+/// every request, counting a commit in `commits` before anyone hears of it.
 ///
 /// Transaction control rides along in as few round trips to SQLite's thread as
 /// possible: `BEGIN` with the first savepoint, each savepoint's end with the next one's
 /// start, and the last end with `COMMIT`.
-async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>) -> bool {
+async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &AtomicU64) {
     let mut replies: Vec<Box<dyn Reply>> = Vec::with_capacity(group.len());
     let mut broken: Option<ProviderError> = None;
     for job in group {
@@ -288,11 +286,12 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>) -> bool {
         ctx.tokens = 0..0;
         tracing::warn!(%error, requests = replies.len(), "a SQLite group commit failed");
     }
-    let committed = failure.is_none();
+    if failure.is_none() {
+        commits.fetch_add(1, Ordering::Relaxed);
+    }
     for reply in replies {
         reply.send(failure.as_ref());
     }
-    committed
 }
 
 /// Runs `each` on every item in its own savepoint, so that one failing item rolls
