@@ -6,7 +6,7 @@
 //! token with `-1`, every following statement acts only while that mark is there,
 //! and the last one releases the lock. A stale lock makes the whole list a no-op.
 //! Children and continue-as-new, which need more than a fixed statement list, take a
-//! few more round trips, inside the same savepoint.
+//! few more round trips, inside a savepoint of their own.
 
 use keel_core::{Message, ParentLink, Payload, encode_record};
 use keel_provider::{
@@ -21,7 +21,7 @@ use crate::convert::{
 use crate::error::db;
 use crate::instance::{self, PreparedInstance};
 use crate::provider::SqliteProvider;
-use crate::writer::WriteCtx;
+use crate::writer::{WriteCtx, end_savepoint, savepoint};
 
 /// An ack with every record encoded and its sizes checked, off the writer, in the
 /// shapes the ack's statements bind.
@@ -200,9 +200,7 @@ pub(crate) async fn ack_turns(p: &SqliteProvider, acks: Vec<Ack>) -> Result<Vec<
     if !prepared.is_empty() {
         let max_history = count(max_history);
         let committed = p
-            .write_each(prepared, move |ctx, ack| {
-                Box::pin(async move { ack_one(ctx, &ack, max_history, max_record).await })
-            })
+            .write(move |ctx| Box::pin(ack_all(ctx, prepared, max_history, max_record)))
             .await?;
         for (i, result) in indexes.into_iter().zip(committed) {
             if let Some(slot) = results.get_mut(i) {
@@ -262,13 +260,44 @@ UPDATE instances SET \
 /// More spare arguments than [`ACK`]'s statements leave parameter slots unused.
 const UNUSED_SLOTS: usize = 64;
 
-/// Commits one turn; the caller's savepoint undoes it on error.
+/// Commits the turns in order, one result each.
+///
+/// A plain turn needs no savepoint of its own: rejected (stale lock, history limit),
+/// it wrote nothing. One that creates children or continues as new writes before or
+/// after its check, so it gets a savepoint and fails alone. A failing statement fails
+/// the whole request, whose savepoint then undoes every turn of it.
+async fn ack_all(
+    ctx: &mut WriteCtx,
+    acks: Vec<PreparedAck>,
+    max_history: i64,
+    max_record: usize,
+) -> Result<Vec<Result<()>>> {
+    let mut results = Vec::with_capacity(acks.len());
+    for ack in &acks {
+        if ack.children.is_empty() && ack.continued.is_none() {
+            results.push(ack_one(ctx, ack, max_history, max_record).await?);
+            continue;
+        }
+        savepoint(ctx).await?;
+        let result = match ack_one(ctx, ack, max_history, max_record).await {
+            Ok(result) => result,
+            Err(error) => Err(error),
+        };
+        end_savepoint(ctx, result.is_ok()).await?;
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// Commits one turn. `Ok(Err(_))`: rejected by its check, having written nothing of
+/// its own (its children, if any, are the caller's savepoint's to undo); `Err(_)`: a
+/// statement failed midway.
 async fn ack_one(
     ctx: &mut WriteCtx,
     ack: &PreparedAck,
     max_history: i64,
     max_record: usize,
-) -> Result<()> {
+) -> Result<Result<()>> {
     let now = millis(ctx.now());
     let id = ack.instance.as_str();
     // Children first, so that the turn's messages to them find them; a rejected ack
@@ -302,7 +331,7 @@ async fn ack_one(
     }
     let released = query.fetch_optional(&mut ctx.conn).await.map_err(db)?;
     if released.is_none() {
-        return Err(rejected(ctx, ack, now, max_history).await);
+        return Ok(Err(rejected(ctx, ack, now, max_history).await));
     }
     ctx.wake(WorkKind::Orchestrations);
     if ack.has_activities {
@@ -311,7 +340,7 @@ async fn ack_one(
     if let Some(continued) = &ack.continued {
         continue_as_new(ctx, id, continued, now, max_record).await?;
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Why an ack matched nothing: its history would pass the limit, or (the usual case)

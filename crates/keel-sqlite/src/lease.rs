@@ -138,8 +138,14 @@ pub(crate) async fn complete(
     }
     if !prepared.is_empty() {
         let committed = p
-            .write_each(prepared, |ctx, completion| {
-                Box::pin(complete_one(ctx, completion))
+            .write(move |ctx| {
+                Box::pin(async move {
+                    let mut results = Vec::with_capacity(prepared.len());
+                    for completion in prepared {
+                        results.push(complete_one(ctx, completion).await?);
+                    }
+                    Ok(results)
+                })
             })
             .await?;
         for (i, result) in indexes.into_iter().zip(committed) {
@@ -204,9 +210,10 @@ DELETE FROM work_items \
  WHERE id = ?1 AND lease_token = ?2 AND (visible_at > ?3 OR cancelled = 1) \
  RETURNING cancelled";
 
-/// Completes one item; the caller's savepoint undoes it on error. An item cancelled
-/// while it ran is deleted and its outcome dropped.
-async fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<()> {
+/// Completes one item. A stale lease is `Ok(Err(_))` and wrote nothing, so no
+/// savepoint is needed; `Err(_)` is a failed statement, which fails the request. An
+/// item cancelled while it ran is deleted and its outcome dropped.
+async fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<Result<()>> {
     let now = millis(ctx.now());
     let deleted = sqlx::query(COMPLETE)
         .bind(u64_bits(completion.lease.item()))
@@ -218,10 +225,10 @@ async fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Res
         .await
         .map_err(db)?;
     if deleted.is_none() {
-        return Err(stale(&completion.lease));
+        return Ok(Err(stale(&completion.lease)));
     }
     ctx.wake(WorkKind::Orchestrations);
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Releases a held lease, the item visible again at `visible_at` with `attempt` (when

@@ -160,30 +160,6 @@ impl SqliteProvider {
         self.inner.writer.run(Box::new(work)).await
     }
 
-    /// Runs `each` on every item in the next group transaction, each in its own
-    /// savepoint so that a failing item rolls back alone: one result per item, in
-    /// order. A single item rides on its request's savepoint instead (one round trip
-    /// fewer each way); then a failed commit is reported as that item's error.
-    pub(crate) async fn write_each<T, R, F>(
-        &self,
-        mut items: Vec<T>,
-        each: F,
-    ) -> Result<Vec<Result<R>>>
-    where
-        T: Send + 'static,
-        R: Send + 'static,
-        F: for<'c> FnMut(&'c mut WriteCtx, T) -> BoxFuture<'c, Result<R>> + Send + 'static,
-    {
-        if items.len() == 1
-            && let Some(item) = items.pop()
-        {
-            let mut each = each;
-            return Ok(vec![self.write(move |ctx| each(ctx, item)).await]);
-        }
-        self.write(move |ctx| Box::pin(crate::writer::each_in_savepoint(ctx, items, each)))
-            .await
-    }
-
     /// The read-only pool.
     pub(crate) fn readers(&self) -> &SqlitePool {
         &self.inner.readers

@@ -294,36 +294,27 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &At
     }
 }
 
-/// Runs `each` on every item in its own savepoint, so that one failing item rolls
-/// back alone: one result per item, in order.
-pub(crate) async fn each_in_savepoint<T, R>(
-    ctx: &mut WriteCtx,
-    items: Vec<T>,
-    mut each: impl for<'c> FnMut(&'c mut WriteCtx, T) -> BoxFuture<'c, Result<R>>,
-) -> Result<Vec<Result<R>>> {
-    let mut results: Vec<Result<R>> = Vec::with_capacity(items.len());
-    for item in items {
-        let open = match results.last() {
-            None => "SAVEPOINT item",
-            Some(Ok(_)) => "RELEASE item; SAVEPOINT item",
-            Some(Err(_)) => "ROLLBACK TO item; RELEASE item; SAVEPOINT item",
-        };
-        sqlx::raw_sql(open)
-            .execute(&mut ctx.conn)
-            .await
-            .map_err(db)?;
-        results.push(each(ctx, item).await);
-    }
-    let close = match results.last() {
-        None => return Ok(results),
-        Some(Ok(_)) => "RELEASE item",
-        Some(Err(_)) => "ROLLBACK TO item; RELEASE item",
-    };
-    sqlx::raw_sql(close)
+/// Opens a savepoint inside a request, for one item of a batch that must fail alone.
+pub(crate) async fn savepoint(ctx: &mut WriteCtx) -> Result<()> {
+    sqlx::raw_sql("SAVEPOINT item")
         .execute(&mut ctx.conn)
         .await
         .map_err(db)?;
-    Ok(results)
+    Ok(())
+}
+
+/// Closes the savepoint [`savepoint`] opened, keeping its writes or rolling them back.
+pub(crate) async fn end_savepoint(ctx: &mut WriteCtx, keep: bool) -> Result<()> {
+    let sql = if keep {
+        "RELEASE item"
+    } else {
+        "ROLLBACK TO item; RELEASE item"
+    };
+    sqlx::raw_sql(sql)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 /// How many tokens one reservation takes from the database.
