@@ -44,7 +44,8 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
 
     /// Enqueues `message` for an existing instance, visible at once or at `visible_at`.
     /// Messages of one instance are delivered in the order they were enqueued (among
-    /// those visible). An unknown instance is `NotFound` and nothing is stored.
+    /// those visible). An unknown instance is `NotFound` and nothing is stored; a finished
+    /// instance still accepts the message, which its next turn drains.
     async fn send_message(
         &self,
         instance: &InstanceId,
@@ -101,19 +102,22 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
 
     /// Completes many leased items, each atomically: deletes the item and enqueues its
     /// outcome for its instance; a failure also records a dead letter. Returns one result
-    /// per completion, in order: a stale lease is `Stale` and changes nothing; an item
-    /// cancelled while it ran is deleted and its outcome dropped.
+    /// per completion, in order: a stale lease is `Stale` and an outcome over the record
+    /// limit is `TooLarge`, both changing nothing (the lease is kept); an item cancelled
+    /// while it ran is deleted, its outcome dropped, and the result is `Ok`.
     async fn complete_activities(
         &self,
         completions: Vec<ActivityCompletion>,
     ) -> Result<Vec<Result<()>>>;
 
     /// Re-queues a leased item for its next attempt, invisible for `delay`, releasing
-    /// the lease. A stale lease is `Stale`, and nothing changes.
+    /// the lease (a cancelled item is deleted instead). A stale lease is `Stale`, and
+    /// nothing changes.
     async fn retry_activity(&self, retry: ActivityRetry) -> Result<()>;
 
     /// Releases a lease without counting an attempt (a worker shutting down): the item
-    /// is visible again at once. A stale lease is `Stale`, and nothing changes.
+    /// is visible again at once (a cancelled item is deleted instead). A stale lease is
+    /// `Stale`, and nothing changes.
     async fn abandon_lease(&self, lease: &LeaseToken) -> Result<()>;
 
     /// Sets the cluster-wide limits of activity `name` (replacing earlier ones).
@@ -141,8 +145,9 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
     /// `NotFound` if unknown; `InvalidInput` if it has ended.
     async fn pause(&self, instance: &InstanceId) -> Result<()>;
 
-    /// Resumes a paused or suspended instance: its messages are fetchable again.
-    /// `NotFound` if unknown; `InvalidInput` if it is neither paused nor suspended.
+    /// Resumes a paused or suspended instance: its messages are fetchable again, and its
+    /// status is Running (Pending if no turn was ever acked). `NotFound` if unknown;
+    /// `InvalidInput` if it is neither paused nor suspended.
     async fn resume(&self, instance: &InstanceId) -> Result<()>;
 
     // --- management ---
@@ -181,7 +186,9 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
 
     /// Waits until work of `kind` may have become visible, or `timeout` passes: returns
     /// early when this provider enqueues such work (or learns of it from the database),
-    /// and when a delayed item comes due. A lost wake-up delays work, never loses it.
+    /// and when a delayed item comes due. Callers fetch before they wait: work already
+    /// visible but locked or paused does not end the wait, so idle dispatchers do not
+    /// spin. A lost wake-up delays work, never loses it.
     async fn wait_for_work(&self, kind: WorkKind, timeout: Duration) -> Result<()>;
 
     /// When the next invisible item of `kind` becomes visible, if any is queued.
