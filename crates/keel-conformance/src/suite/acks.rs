@@ -891,7 +891,8 @@ pub async fn max_batch_acks_commit_in_one_call(store: TestStore) {
         assert_eq!(record.history_len, 2, "{}", w.lock.instance());
     }
     let mut leased = 0;
-    loop {
+    // Bounded: a provider handing out items twice must fail the test, not hang it.
+    for _ in 0..=n {
         let items = fetch_activities(p, caps.max_fetch_items).await;
         if items.is_empty() {
             break;

@@ -76,13 +76,16 @@ pub async fn concurrent_fetches_never_share_an_instance(store: TestStore) {
         let provider: Arc<dyn Provider> = Arc::clone(&store.provider);
         tasks.push(tokio::spawn(async move {
             let mut claimed = Vec::new();
-            loop {
+            // Each fetch that returns something claims a new instance, so a correct
+            // provider runs dry within this many; a faulty one must not hang the test.
+            for _ in 0..=INSTANCES {
                 let work = fetch(&*provider, 3).await;
                 if work.is_empty() {
-                    break claimed;
+                    break;
                 }
                 claimed.extend(work.into_iter().map(|w| w.lock));
             }
+            claimed
         }));
     }
     let mut claims = Vec::new();
@@ -118,10 +121,11 @@ pub async fn concurrent_workers_run_each_turn_once(store: TestStore) {
         let provider: Arc<dyn Provider> = Arc::clone(&store.provider);
         tasks.push(tokio::spawn(async move {
             let mut committed = 0_usize;
-            loop {
+            // Bounded, as above: a faulty provider must fail the test, not hang it.
+            for _ in 0..=INSTANCES {
                 let work = fetch(&*provider, 4).await;
                 if work.is_empty() {
-                    break committed;
+                    break;
                 }
                 let at = now(&*provider).await;
                 let acks: Vec<Ack> = work
@@ -137,6 +141,7 @@ pub async fn concurrent_workers_run_each_turn_once(store: TestStore) {
                     committed += 1;
                 }
             }
+            committed
         }));
     }
     let mut committed = 0;
