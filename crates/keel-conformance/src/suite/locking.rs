@@ -422,6 +422,11 @@ pub async fn a_paused_instance_is_not_fetched(store: TestStore) {
     assert_eq!(work.len(), 1, "only the unpaused instance");
     assert_eq!(work[0].lock.instance(), &b);
     p.resume(&id("a")).await.unwrap();
+    assert_eq!(
+        p.get_instance(&id("a")).await.unwrap().status,
+        InstanceStatus::Pending,
+        "no turn was ever acked"
+    );
     let work = fetch_one(p).await;
     assert_eq!(work.lock.instance(), &id("a"));
     assert!(matches!(work.messages[0].message, Message::Start { .. }));
@@ -443,6 +448,10 @@ pub async fn suspending_sets_the_status_and_reason_and_keeps_the_messages(store:
     send(p, &a, signal("s", 2)).await;
     assert_nothing_fetchable(p, "the instance is suspended").await;
     p.resume(&a).await.unwrap();
+    assert_eq!(
+        p.get_instance(&a).await.unwrap().status,
+        InstanceStatus::Running
+    );
     let again = fetch_one(p).await;
     assert_eq!(signal_numbers(&again), [1, 2]);
     assert_eq!(again.messages[0].id, work.messages[0].id);

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use keel_core::{Codec, ExecutionId, Failure, Format, Message, OpId};
-use keel_provider::OnConflict;
+use keel_core::{Codec, ExecutionId, Failure, Format, InstanceStatus, Message, OpId};
+use keel_provider::{OnConflict, TurnOutcome};
 
 use crate::TestStore;
 use crate::fixtures::{
@@ -34,6 +34,7 @@ macro_rules! __conformance_messages {
                 messages_of_two_instances_are_kept_apart,
                 a_message_over_the_record_limit_is_too_large_and_stores_nothing,
                 messages_to_a_paused_instance_are_kept,
+                a_finished_instance_still_accepts_messages,
             ]
         );
     };
@@ -351,4 +352,30 @@ pub async fn messages_to_a_paused_instance_are_kept(store: TestStore) {
     p.resume(&a).await.unwrap();
     let work = fetch_one(p).await;
     assert_eq!(signal_numbers(&work), [1, 2]);
+}
+
+/// A finished instance still accepts messages, and its next turn drains them.
+pub async fn a_finished_instance_still_accepts_messages(store: TestStore) {
+    let p = &*store.provider;
+    let a = started(p, "a").await;
+    send(p, &a, signal("s", 1)).await;
+    let work = fetch_one(p).await;
+    let mut ack = ack_all(&work);
+    ack.outcome = TurnOutcome::Completed(payload(&serde_json::json!("done")));
+    ack_one(p, ack).await.unwrap();
+    assert_eq!(
+        p.get_instance(&a).await.unwrap().status,
+        InstanceStatus::Completed
+    );
+    send(p, &a, signal("late", 2)).await;
+    let drain = fetch_one(p).await;
+    assert_eq!(drain.lock.instance(), &a);
+    assert_eq!(signal_numbers(&drain), [2]);
+    ack_one(p, ack_all(&drain)).await.unwrap();
+    assert_nothing_fetchable(p, "the late signal was drained").await;
+    assert_eq!(
+        p.get_instance(&a).await.unwrap().status,
+        InstanceStatus::Completed,
+        "draining does not revive it"
+    );
 }
