@@ -1,17 +1,17 @@
 //! The activity queue: enqueueing and cancelling work items, and leasing them under
 //! their names' limits.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use keel_core::{Failure, WorkItem, decode_record, encode_record};
 use keel_provider::{
-    ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, Result, WorkKind,
+    ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, ProviderError, Result, WorkKind,
 };
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 
 use crate::convert::{
-    check_size, col, count, from_bits, int_array, later, millis, small, timestamp, u64_bits,
+    check_size, col, count, from_bits, int_array, later, millis, record, small, timestamp, u64_bits,
 };
 use crate::dead_letter;
 use crate::error::db;
@@ -146,12 +146,34 @@ async fn fetch_tx(
 ) -> Result<Vec<LeasedWorkItem>> {
     let now_ts = ctx.now();
     let now = millis(now_ts);
-    let picked = pick(ctx, queues, max, now).await?;
-    if picked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let first_token = allocate_tokens(ctx, picked.len()).await?;
     let leased_until = later(now_ts, lease_for);
+    let mut leased = Vec::new();
+    let mut taken = HashSet::new();
+    loop {
+        let wanted = max.saturating_sub(leased.len());
+        let picked = pick(ctx, &queues, wanted, now, &taken).await?;
+        if picked.is_empty() {
+            return Ok(leased);
+        }
+        taken.extend(picked.iter().map(|c| c.id));
+        let dead = lease_picked(ctx, picked, now, leased_until, &mut leased).await?;
+        // Damaged items became dead letters instead: pick again for their places.
+        if dead == 0 || leased.len() >= max {
+            return Ok(leased);
+        }
+    }
+}
+
+/// Leases the picked items, appending them to `leased`; an item whose stored bytes
+/// cannot be decoded becomes a dead letter instead. Returns how many did.
+async fn lease_picked(
+    ctx: &mut WriteCtx,
+    picked: Vec<Candidate>,
+    now: i64,
+    leased_until: i64,
+    leased: &mut Vec<LeasedWorkItem>,
+) -> Result<usize> {
+    let first_token = allocate_tokens(ctx, picked.len()).await?;
     // One statement leases them all (token = first + position); a second records the
     // lease starts of rate-limited names.
     let rows = sqlx::query(
@@ -174,19 +196,27 @@ async fn fetch_tx(
     for row in rows {
         by_id.insert(col::<i64>(&row, 0)?, row);
     }
-    let mut leased = Vec::with_capacity(picked.len());
+    let mut dead = 0;
     for (candidate, token) in picked.into_iter().zip(first_token..) {
         let Some(row) = by_id.remove(&candidate.id) else {
             continue;
         };
-        let item = match decode_record::<WorkItem>(&col::<Vec<u8>>(&row, 7)?) {
+        let id = candidate.id;
+        let decoded = record(
+            &row,
+            7,
+            decode_record::<WorkItem>,
+            format_args!("work item {id}"),
+        );
+        let item = match decoded {
             Ok(mut item) => {
                 // The column is the truth: retries update it without re-encoding.
                 item.attempt = small(col(&row, 5)?, "attempt")?;
                 item
             }
             Err(error) => {
-                dead_letter_corrupt(ctx, &row, candidate.id, &error, now).await?;
+                dead_letter_corrupt(ctx, &row, id, &error, now).await?;
+                dead += 1;
                 continue;
             }
         };
@@ -197,22 +227,23 @@ async fn fetch_tx(
             deliveries: small(col(&row, 6)?, "deliveries")?,
         });
     }
-    Ok(leased)
+    Ok(dead)
 }
 
-/// Chooses up to `max` visible items of `queues`, highest priority then oldest across
-/// the queues, within their names' limits.
+/// Chooses up to `max` visible items of `queues` other than `taken`, highest priority
+/// then oldest across the queues, within their names' limits.
 async fn pick(
     ctx: &mut WriteCtx,
-    queues: Vec<String>,
+    queues: &[String],
     max: usize,
     now: i64,
+    taken: &HashSet<i64>,
 ) -> Result<Vec<Candidate>> {
     let mut budgets: HashMap<String, NameBudget> = HashMap::new();
     let mut scans: Vec<QueueScan> = queues
-        .into_iter()
+        .iter()
         .map(|queue| QueueScan {
-            queue,
+            queue: queue.clone(),
             buffer: VecDeque::new(),
             after: (i64::MAX, i64::MIN),
             done: false,
@@ -235,6 +266,10 @@ async fn pick(
         let Some(candidate) = best.and_then(|i| scans.get_mut(i)?.buffer.pop_front()) else {
             break;
         };
+        // Leased earlier in this fetch (and visible still, under a zero-length lease).
+        if taken.contains(&candidate.id) {
+            continue;
+        }
         if let Some(limits) = candidate.limits {
             if !budgets.contains_key(&candidate.name) {
                 let budget = load_budget(&mut ctx.conn, &candidate.name, limits, now).await?;
@@ -259,15 +294,11 @@ async fn dead_letter_corrupt(
     ctx: &mut WriteCtx,
     row: &SqliteRow,
     id: i64,
-    error: &keel_core::RecordError,
+    error: &ProviderError,
     now: i64,
 ) -> Result<()> {
     tracing::warn!(item = id, %error, "dead-lettering an undecodable work item");
-    let failure = Failure::new(
-        Failure::DECODE,
-        format!("the stored work item cannot be decoded: {error}"),
-    )
-    .retryable(false);
+    let failure = Failure::new(Failure::DECODE, error.message()).retryable(false);
     dead_letter::insert(
         &mut ctx.conn,
         &dead_letter::Record {

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use keel_core::{
     ExecutionId, Failure, InstanceId, InstanceStatus, OpId, ParentLink, Payload, QueueName,
-    Timestamp, decode_record,
+    RecordError, Timestamp, decode_record,
 };
 use keel_provider::{InstanceRecord, ProviderError, Result};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::error::{corrupt, db};
+use crate::error::{corrupt, db, undecodable};
 
 /// A timestamp as stored: milliseconds, saturating at the far future.
 pub(crate) fn millis(time: Timestamp) -> i64 {
@@ -87,6 +87,19 @@ where
     T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
     row.try_get(index).map_err(db)
+}
+
+/// Decodes the record in column `index` of `row` with `decode`; an error names it as
+/// `what`, whether its bytes are damaged or the column holds no blob at all.
+pub(crate) fn record<T>(
+    row: &SqliteRow,
+    index: usize,
+    decode: impl FnOnce(&[u8]) -> Result<T, RecordError>,
+    what: impl std::fmt::Display,
+) -> Result<T> {
+    col::<Vec<u8>>(row, index)
+        .and_then(|bytes| Ok(decode(&bytes)?))
+        .map_err(|error| undecodable(what, error))
 }
 
 /// The columns [`instance_record`] reads, in order, `seq` last (for cursors): a macro

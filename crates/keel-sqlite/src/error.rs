@@ -53,6 +53,16 @@ pub(crate) fn corrupt(what: impl std::fmt::Display) -> ProviderError {
     ProviderError::new(ErrorKind::Corrupt, format!("corrupt stored value: {what}"))
 }
 
+/// Stored record `what` ("message 7") read back as `error`: damaged or foreign bytes,
+/// or a value of another type than a blob in its column.
+pub(crate) fn undecodable(what: impl std::fmt::Display, error: ProviderError) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::Corrupt,
+        format!("stored {what} cannot be decoded: {error}"),
+    )
+    .with_source(error)
+}
+
 /// The writer task is gone: the provider was closed (or its runtime shut down).
 pub(crate) fn closed() -> ProviderError {
     ProviderError::new(ErrorKind::Unavailable, "the SQLite provider is closed").retryable(false)

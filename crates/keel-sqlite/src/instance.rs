@@ -13,7 +13,7 @@ use sqlx::sqlite::SqliteConnection;
 
 use crate::convert::{
     check_size, col, count, execution as stored_execution, instance_columns, instance_record,
-    millis, status, status_set, u64_bits, uncount,
+    millis, record, status, status_set, u64_bits, uncount,
 };
 use crate::error::db;
 use crate::provider::SqliteProvider;
@@ -314,7 +314,7 @@ pub(crate) async fn read_history(
         )));
     }
     let rows = sqlx::query(
-        "SELECT event FROM history WHERE instance = ?1 AND execution = ?2 ORDER BY seq",
+        "SELECT event, seq FROM history WHERE instance = ?1 AND execution = ?2 ORDER BY seq",
     )
     .bind(instance.as_str())
     .bind(i64::from(execution.get()))
@@ -322,7 +322,15 @@ pub(crate) async fn read_history(
     .await
     .map_err(db)?;
     rows.iter()
-        .map(|row| Ok(decode_record::<Event>(&col::<Vec<u8>>(row, 0)?)?))
+        .map(|row| {
+            let seq: i64 = col(row, 1)?;
+            record(
+                row,
+                0,
+                decode_record::<Event>,
+                format_args!("history event {seq} of execution {execution} of instance {instance}"),
+            )
+        })
         .collect()
 }
 

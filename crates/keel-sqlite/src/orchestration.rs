@@ -11,7 +11,7 @@ use keel_provider::{
 };
 
 use crate::convert::{
-    col, count, execution, from_bits, instance_id, int_array, later, millis, small, status,
+    col, count, execution, from_bits, instance_id, int_array, later, millis, record, small, status,
     timestamp, u64_bits, uncount,
 };
 use crate::error::db;
@@ -64,32 +64,7 @@ async fn fetch_tx(
 ) -> Result<Vec<OrchestrationWork>> {
     let now_ts = ctx.now();
     let now = millis(now_ts);
-    let candidates = scan(ctx, max, now).await?;
-    if candidates.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut loaded = load(ctx, &candidates, now, with_history).await?;
-    let mut good = Vec::with_capacity(candidates.len());
-    for candidate in candidates {
-        let entry = loaded.remove(&candidate.seq).unwrap_or_default();
-        match entry.corrupt {
-            None => good.push((candidate, entry)),
-            Some(error) => {
-                // Set aside, not returned: a human (or a fixed build) resumes it.
-                tracing::warn!(instance = %candidate.id, %error, "suspending an undecodable instance");
-                sqlx::query(
-                    "UPDATE instances SET status = 'suspended', status_reason = ?2, \
-                     updated_at = ?3 WHERE seq = ?1",
-                )
-                .bind(candidate.seq)
-                .bind(format!("stored data cannot be decoded: {error}"))
-                .bind(now)
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(db)?;
-            }
-        }
-    }
+    let good = claimable(ctx, max, now, with_history).await?;
     if good.is_empty() {
         return Ok(Vec::new());
     }
@@ -120,6 +95,72 @@ async fn fetch_tx(
         });
     }
     Ok(work)
+}
+
+/// Up to `max` candidates whose messages (and history, when asked) decode, with what
+/// was read for them. An undecodable one is set aside as suspended with the reason,
+/// and the scan goes on, so that set-aside instances do not use up the batch.
+async fn claimable(
+    ctx: &mut WriteCtx,
+    max: usize,
+    now: i64,
+    with_history: bool,
+) -> Result<Vec<(Candidate, Loaded)>> {
+    let mut good: Vec<(Candidate, Loaded)> = Vec::new();
+    let mut chosen = HashSet::new();
+    loop {
+        // The instances chosen so far are still claimable, and first in claim order:
+        // a scan after a set-aside finds them again, then the next ones.
+        let candidates: Vec<Candidate> = scan(ctx, max, now)
+            .await?
+            .into_iter()
+            .filter(|c| !chosen.contains(&c.seq))
+            .take(max.saturating_sub(good.len()))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(good);
+        }
+        let mut loaded = load(ctx, &candidates, now, with_history).await?;
+        let mut set_aside = false;
+        for candidate in candidates {
+            let entry = loaded.remove(&candidate.seq).unwrap_or_default();
+            match entry.corrupt {
+                None => {
+                    chosen.insert(candidate.seq);
+                    good.push((candidate, entry));
+                }
+                Some(error) => {
+                    set_aside_undecodable(ctx, &candidate, &error, now).await?;
+                    set_aside = true;
+                }
+            }
+        }
+        if !set_aside || good.len() >= max {
+            return Ok(good);
+        }
+    }
+}
+
+/// Suspends an instance whose stored data cannot be decoded, keeping its messages: a
+/// human (or a fixed build) resumes it.
+async fn set_aside_undecodable(
+    ctx: &mut WriteCtx,
+    candidate: &Candidate,
+    error: &ProviderError,
+    now: i64,
+) -> Result<()> {
+    tracing::warn!(instance = %candidate.id, %error, "suspending an undecodable instance");
+    sqlx::query(
+        "UPDATE instances SET status = 'suspended', status_reason = ?2, updated_at = ?3 \
+         WHERE seq = ?1",
+    )
+    .bind(candidate.seq)
+    .bind(error.message())
+    .bind(now)
+    .execute(&mut ctx.conn)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Up to `max` instances with a visible message, not locked (or the lock expired),
@@ -177,7 +218,8 @@ async fn scan(ctx: &mut WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>
 }
 
 /// Reads the candidates' visible messages (oldest first) and, when asked, their
-/// current histories, in one round trip; decodes them.
+/// current histories, in one round trip; decodes them. A record that does not decode
+/// marks its instance corrupt, naming the record; the other candidates are unaffected.
 async fn load(
     ctx: &mut WriteCtx,
     candidates: &[Candidate],
@@ -189,7 +231,7 @@ async fn load(
          FROM json_each(?1) AS j JOIN instances i ON i.seq = j.value \
          JOIN messages m ON m.instance = i.id \
          WHERE m.ready = 1 AND m.visible_at <= ?2 ORDER BY m.id; \
-         SELECT 1, i.seq, h.seq, 0, h.event \
+         SELECT 1, i.seq, h.seq, h.execution, h.event \
          FROM json_each(?1) AS j JOIN instances i ON i.seq = j.value \
          JOIN history h ON h.instance = i.id AND h.execution = i.execution \
          WHERE ?3 ORDER BY i.seq, h.seq",
@@ -206,20 +248,34 @@ async fn load(
         if entry.corrupt.is_some() {
             continue;
         }
-        let bytes: Vec<u8> = col(row, 4)?;
+        // A message's id, or an event's sequence number.
+        let number: i64 = col(row, 2)?;
         if col::<i64>(row, 0)? == 0 {
-            match decode_record::<Message>(&bytes) {
+            let decoded = record(
+                row,
+                4,
+                decode_record::<Message>,
+                format_args!("message {number}"),
+            );
+            match decoded {
                 Ok(message) => entry.messages.push(QueuedMessage {
-                    id: MessageId(uncount(col(row, 2)?, "a message id")?),
+                    id: MessageId(uncount(number, "a message id")?),
                     enqueued_at: timestamp(col(row, 3)?),
                     message,
                 }),
-                Err(error) => entry.corrupt = Some(error.into()),
+                Err(error) => entry.corrupt = Some(error),
             }
         } else {
-            match decode_record::<Event>(&bytes) {
+            let execution: i64 = col(row, 3)?;
+            let decoded = record(
+                row,
+                4,
+                decode_record::<Event>,
+                format_args!("history event {number} of execution {execution}"),
+            );
+            match decoded {
                 Ok(event) => entry.history.push(event),
-                Err(error) => entry.corrupt = Some(error.into()),
+                Err(error) => entry.corrupt = Some(error),
             }
         }
     }

@@ -1,4 +1,5 @@
-//! The conformance kit, run against a file database and an in-memory one.
+//! The conformance kit, run against a file database and an in-memory one; and what
+//! the kit cannot reach, stored bytes damaged behind the provider's back.
 
 use std::sync::Arc;
 
@@ -38,3 +39,5 @@ mod file {
 mod memory {
     keel_conformance::provider_tests!(crate::memory_store);
 }
+
+mod damaged;
