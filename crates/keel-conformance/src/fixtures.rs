@@ -68,7 +68,7 @@ pub fn ack_all(work: &OrchestrationWork) -> Ack {
 pub const FIRST: ExecutionId = ExecutionId::FIRST;
 
 // ---------------------------------------------------------------------------------------
-// Helpers of the messages, locking, acks, visibility and executions areas.
+// Helpers of the messages, locking, acks, ack batches, visibility and executions areas.
 // ---------------------------------------------------------------------------------------
 // They live in a module of their own so that their imports cannot clash with the file's.
 
@@ -86,7 +86,7 @@ mod turn_helpers {
         OrchestrationWork, Provider, ProviderError,
     };
 
-    use super::{LOCK, ack_all, fetch, fetch_one, id, new_instance, payload};
+    use super::{LOCK, ack_all, fetch, fetch_one, id, new_instance, payload, signal};
 
     /// A short lock or delay, for tests that wait for it to pass: providers whose
     /// database owns the clock really wait.
@@ -208,6 +208,22 @@ mod turn_helpers {
         id
     }
 
+    /// Sends `instance` a signal and fetches it, for a turn of a started instance.
+    pub async fn next_turn(p: &dyn Provider, instance: &InstanceId) -> OrchestrationWork {
+        send(p, instance, signal("turn", 0)).await;
+        let work = fetch_one(p).await;
+        assert_eq!(work.lock.instance(), instance);
+        work
+    }
+
+    /// Runs a turn of `instance` whose ack consumes its messages and is shaped by `shape`.
+    pub async fn turn(p: &dyn Provider, instance: &InstanceId, shape: impl FnOnce(&mut Ack)) {
+        let work = next_turn(p, instance).await;
+        let mut ack = ack_all(&work);
+        shape(&mut ack);
+        ack_one(p, ack).await.expect("the turn acks");
+    }
+
     /// Sends `message` to `instance`, visible at once, panicking on failure.
     pub async fn send(provider: &dyn Provider, instance: &InstanceId, message: Message) {
         provider
@@ -259,14 +275,15 @@ mod turn_helpers {
 }
 
 // ---------------------------------------------------------------------------------------
-// Helpers of the activities, limits, dead letters, control, management, wake-ups,
-// corruption and model areas. Kept in their own module, with their own imports, so that
+// Helpers of the activities, leases, limits, dead letters, control, management, listing,
+// purging, wake-ups, corruption and model areas. Kept in their own module, with their own imports, so that
 // the blocks of other areas can grow without touching them.
 // ---------------------------------------------------------------------------------------
 
 pub use work::{
-    LEASE, activity, complete, expect_kind, fetch_instance, lease, lease_queues, messages_for,
-    provider_now, queue, run_turn, running, schedule, tick,
+    LEASE, activity, complete, create, end, ended, expect_kind, fetch_instance, json, lease,
+    lease_queues, messages_for, ops, poke, provider_now, queue, run_turn, running, schedule,
+    schedule_n, tick,
 };
 
 mod work {
@@ -274,14 +291,15 @@ mod work {
 
     use keel_core::{
         ActivityOptions, Event, EventKind, ExecutionId, InstanceId, Message, OpId, Outcome,
-        QueueName, Timestamp, WorkItem,
+        Payload, QueueName, Timestamp, WorkItem,
     };
     use keel_provider::{
         Ack, ActivityCompletion, Created, ErrorKind, FetchActivities, FetchOrchestrations,
-        LeaseToken, LeasedWorkItem, OnConflict, OrchestrationWork, Provider, ProviderError, Result,
+        LeaseToken, LeasedWorkItem, NewInstance, OnConflict, OrchestrationWork, Provider,
+        ProviderError, Result, TurnOutcome,
     };
 
-    use super::{id, new_instance, payload, signal};
+    use super::{ack_all, id, new_instance, payload, signal};
     use crate::TestStore;
 
     /// The lease time tests use when they do not test leases.
@@ -492,6 +510,59 @@ mod work {
             .expect("the completion call itself succeeds");
         assert_eq!(results.len(), 1, "one result per completion");
         results.remove(0)
+    }
+
+    /// The operation numbers of `items`, sorted.
+    pub fn ops(items: &[LeasedWorkItem]) -> Vec<u64> {
+        let mut ops: Vec<u64> = items.iter().map(|i| i.item.op.get()).collect();
+        ops.sort_unstable();
+        ops
+    }
+
+    /// Schedules `count` items of activity "work" for instance "a", ops 1 to `count`.
+    pub async fn schedule_n(p: &dyn Provider, count: u64) -> keel_core::InstanceId {
+        let at = provider_now(p).await;
+        let items = (1..=count)
+            .map(|op| activity("a", op, "work", at))
+            .collect();
+        schedule(p, "a", items).await
+    }
+
+    /// A JSON payload of `value`.
+    pub fn json(value: serde_json::Value) -> Payload {
+        payload(&value)
+    }
+
+    /// Sends `instance` a signal, so that it has a turn to run.
+    pub async fn poke(p: &dyn Provider, instance: &InstanceId) {
+        p.send_message(instance, signal("poke", 0), None)
+            .await
+            .expect("send");
+    }
+
+    /// Runs a turn of `instance` (which must have visible messages) ending it with `outcome`.
+    pub async fn end(p: &dyn Provider, instance: &InstanceId, outcome: TurnOutcome) {
+        run_turn(p, instance, |work| {
+            let mut ack = ack_all(work);
+            ack.outcome = outcome;
+            ack
+        })
+        .await
+        .expect("the final turn acks");
+    }
+
+    /// Creates `instance`, panicking if it exists; returns its id.
+    pub async fn create(p: &dyn Provider, instance: NewInstance) -> InstanceId {
+        let id = instance.id.clone();
+        p.create_instance(instance, OnConflict::Fail)
+            .await
+            .expect("create");
+        id
+    }
+
+    /// A `Completed` outcome with output `{"done": instance}`.
+    pub fn ended(instance: &str) -> TurnOutcome {
+        TurnOutcome::Completed(json(serde_json::json!({ "done": instance })))
     }
 
     /// Asserts that `result` failed with `kind`, and returns the error.

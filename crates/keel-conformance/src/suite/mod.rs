@@ -2,20 +2,24 @@
 //! tests and a `__conformance_<area>!` macro listing them; [`provider_tests!`](crate::provider_tests)
 //! stamps every area.
 
-pub mod creation;
-pub mod executions;
-pub mod visibility;
+pub mod ack_batches;
 pub mod acks;
-pub mod locking;
-pub mod messages;
 pub mod activities;
-pub mod limits;
-pub mod dead_letters;
 pub mod control;
-pub mod management;
-pub mod wakeups;
 pub mod corruption;
+pub mod creation;
+pub mod dead_letters;
+pub mod executions;
+pub mod leases;
+pub mod limits;
+pub mod listing;
+pub mod locking;
+pub mod management;
+pub mod messages;
 pub mod model;
+pub mod purging;
+pub mod visibility;
+pub mod wakeups;
 
 /// Stamps every area. Add a new area here.
 #[doc(hidden)]
@@ -26,13 +30,17 @@ macro_rules! __all_areas {
         $crate::__conformance_executions!($factory);
         $crate::__conformance_visibility!($factory);
         $crate::__conformance_acks!($factory);
+        $crate::__conformance_ack_batches!($factory);
         $crate::__conformance_locking!($factory);
         $crate::__conformance_messages!($factory);
         $crate::__conformance_activities!($factory);
+        $crate::__conformance_leases!($factory);
         $crate::__conformance_limits!($factory);
         $crate::__conformance_dead_letters!($factory);
         $crate::__conformance_control!($factory);
         $crate::__conformance_management!($factory);
+        $crate::__conformance_listing!($factory);
+        $crate::__conformance_purging!($factory);
         $crate::__conformance_wakeups!($factory);
         $crate::__conformance_corruption!($factory);
         $crate::__conformance_model!($factory);
