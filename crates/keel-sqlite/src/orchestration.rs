@@ -142,13 +142,26 @@ async fn claimable(
 }
 
 /// Suspends an instance whose stored data cannot be decoded, keeping its messages: a
-/// human (or a fixed build) resumes it.
+/// human (or a fixed build) resumes it. A finished instance is not brought back to
+/// life: its turns would only drain its late messages, so they are dropped instead.
 async fn set_aside_undecodable(
     ctx: &mut WriteCtx,
     candidate: &Candidate,
     error: &ProviderError,
     now: i64,
 ) -> Result<()> {
+    if matches!(
+        candidate.status.as_str(),
+        "completed" | "failed" | "cancelled"
+    ) {
+        tracing::warn!(instance = %candidate.id, %error, "dropping undecodable messages of a finished instance");
+        sqlx::query("DELETE FROM messages WHERE instance = ?1")
+            .bind(&candidate.id)
+            .execute(&mut ctx.conn)
+            .await
+            .map_err(db)?;
+        return Ok(());
+    }
     tracing::warn!(instance = %candidate.id, %error, "suspending an undecodable instance");
     sqlx::query(
         "UPDATE instances SET status = 'suspended', status_reason = ?2, updated_at = ?3 \

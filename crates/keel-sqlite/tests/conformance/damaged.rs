@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use keel_conformance::fixtures::{
-    FIRST, activity, complete, expect_kind, fetch, id, lease, new_instance, payload, provider_now,
-    running, schedule, send, signal, signal_numbers,
+    FIRST, activity, complete, end, expect_kind, fetch, id, lease, new_instance, payload, poke,
+    provider_now, running, schedule, send, signal, signal_numbers,
 };
 use keel_core::{Failure, InstanceId, InstanceStatus, QueueName, RECORD_VERSION};
 use keel_provider::{
@@ -240,6 +240,37 @@ async fn an_undecodable_message_suspends_its_instance_and_spares_the_others() {
     for w in &work {
         assert_eq!(signal_numbers(w), [1, 2], "{}", w.lock.instance());
     }
+}
+
+/// A finished instance is not brought back to life by a damaged late message: the
+/// message is dropped, as its turn would have drained it, and the status stays.
+#[tokio::test]
+async fn an_undecodable_message_to_a_finished_instance_is_dropped() {
+    let mut s = Damaged::open().await;
+    let p = &s.provider;
+    let done = running(p, "done").await;
+    poke(p, &done).await;
+    end(
+        p,
+        &done,
+        keel_provider::TurnOutcome::Completed(payload(&serde_json::json!("ok"))),
+    )
+    .await;
+    send(p, &done, signal("late", 1)).await;
+    let sql = "SELECT id FROM messages WHERE instance = ?1 ORDER BY id";
+    let message = rowids(&mut s.raw, sql, &done).await[0];
+    Damage::Garbage
+        .apply(&mut s.raw, Column::Message, message)
+        .await;
+
+    assert!(fetch(p, 10).await.is_empty());
+    let record = p.get_instance(&done).await.expect("get");
+    assert_eq!(record.status, InstanceStatus::Completed);
+    assert_eq!(record.status_reason, None);
+    assert!(
+        rowids(&mut s.raw, sql, &done).await.is_empty(),
+        "the late message is gone"
+    );
 }
 
 /// A new instance whose start message is damaged is set aside too; resumed, it is
