@@ -268,6 +268,18 @@ fn decode<O: DeserializeOwned>(
     codec.decode(&payload).map_err(Failure::from)
 }
 
+/// Polls an issued activity or child for its outcome, decoded; pending until issued.
+fn poll_outcome<O: DeserializeOwned>(
+    state: &SharedState,
+    op: Option<&mut OpHandle>,
+    cx: &Context<'_>,
+) -> Poll<Result<O, Failure>> {
+    match op.map(|handle| handle.poll(cx)) {
+        Some(Poll::Ready(Resolution::Outcome(outcome))) => Poll::Ready(decode(state, outcome)),
+        _ => Poll::Pending,
+    }
+}
+
 /// An activity call: set its options, then await its output.
 ///
 /// The activity is scheduled when the call is first polled. Dropped before it
@@ -365,13 +377,7 @@ impl<O: DeserializeOwned> Future for ActivityCall<O> {
                 (!matches!(issued, Issued::Diverged)).then_some(OpKind::Activity)
             });
         }
-        let Some(handle) = this.op.as_mut() else {
-            return Poll::Pending;
-        };
-        match handle.poll(cx) {
-            Poll::Ready(Resolution::Outcome(outcome)) => Poll::Ready(decode(&this.state, outcome)),
-            Poll::Ready(Resolution::Fired) | Poll::Pending => Poll::Pending,
-        }
+        poll_outcome(&this.state, this.op.as_mut(), cx)
     }
 }
 
@@ -556,13 +562,7 @@ impl<O: DeserializeOwned> Future for ChildCall<O> {
                 }
             });
         }
-        let Some(handle) = this.op.as_mut() else {
-            return Poll::Pending;
-        };
-        match handle.poll(cx) {
-            Poll::Ready(Resolution::Outcome(outcome)) => Poll::Ready(decode(&this.state, outcome)),
-            Poll::Ready(Resolution::Fired) | Poll::Pending => Poll::Pending,
-        }
+        poll_outcome(&this.state, this.op.as_mut(), cx)
     }
 }
 
