@@ -404,13 +404,7 @@ mod work {
         let work = fetch_instance(provider, instance)
             .await
             .unwrap_or_else(|| panic!("instance {instance} has no visible messages"));
-        let ack = build(&work);
-        let mut results = provider
-            .ack_turns(vec![ack])
-            .await
-            .expect("the ack call itself succeeds");
-        assert_eq!(results.len(), 1, "one result per ack");
-        results.remove(0)
+        crate::fixtures::ack_one(provider, build(&work)).await
     }
 
     /// Creates `instance` unless it exists (signalling it if it does, so that it has a

@@ -12,8 +12,8 @@ use keel_provider::{
 
 use crate::TestStore;
 use crate::fixtures::{
-    PAST_SHORT, SHORT, ack_all, ack_one, assert_nothing_fetchable, assert_too_large, event, fetch,
-    fetch_activities, fetch_for, fetch_one, id, marker, new_instance, next_turn, now,
+    PAST_SHORT, SHORT, ack_all, ack_one, assert_nothing_fetchable, assert_too_large, create, event,
+    fetch, fetch_activities, fetch_for, fetch_one, id, marker, new_instance, next_turn, now,
     oversized_payload, payload, send, signal, signal_numbers, started, started_event, turn,
     work_item,
 };
@@ -372,9 +372,7 @@ pub async fn max_batch_acks_commit_in_one_call(store: TestStore) {
     let caps = store.capabilities();
     let n = caps.max_batch;
     for i in 0..n {
-        p.create_instance(new_instance(&format!("i{i:05}")), OnConflict::Fail)
-            .await
-            .unwrap();
+        create(p, new_instance(&format!("i{i:05}"))).await;
     }
     let mut work = Vec::new();
     while work.len() < n {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_core::{ActivityOptions, RetryPolicy};
+use keel_core::{ActivityOptions, RetryPolicy, Timestamp, WorkItem};
 use keel_provider::FetchActivities;
 
 use crate::TestStore;
@@ -151,19 +151,28 @@ pub async fn items_are_leased_highest_priority_first_then_oldest(store: TestStor
     assert_eq!(order, [2, 4, 1, 3, 5]);
 }
 
-/// A fetch returns only items routed to the queues it names.
-pub async fn a_fetch_returns_only_items_of_its_queues(store: TestStore) {
-    let p = &*store.provider;
-    let at = provider_now(p).await;
-    let items = [(1, "alpha"), (2, "alpha"), (3, "beta")]
-        .into_iter()
-        .map(|(op, q)| {
+/// Work items of instance "a", one per (op, queue).
+fn routed(at: Timestamp, routes: &[(u64, &str)]) -> Vec<WorkItem> {
+    routes
+        .iter()
+        .map(|&(op, q)| {
             let mut item = activity("a", op, "work", at);
             item.options.queue = queue(q);
             item
         })
-        .collect();
-    schedule(p, "a", items).await;
+        .collect()
+}
+
+/// A fetch returns only items routed to the queues it names.
+pub async fn a_fetch_returns_only_items_of_its_queues(store: TestStore) {
+    let p = &*store.provider;
+    let at = provider_now(p).await;
+    schedule(
+        p,
+        "a",
+        routed(at, &[(1, "alpha"), (2, "alpha"), (3, "beta")]),
+    )
+    .await;
     assert!(lease_queues(p, &["gamma"], 10, LEASE).await.is_empty());
     assert!(lease(p, 10).await.is_empty(), "the default queue is empty");
     assert_eq!(ops(&lease_queues(p, &["alpha"], 10, LEASE).await), [1, 2]);
@@ -175,15 +184,12 @@ pub async fn a_fetch_returns_only_items_of_its_queues(store: TestStore) {
 pub async fn a_fetch_of_several_queues_returns_items_of_each(store: TestStore) {
     let p = &*store.provider;
     let at = provider_now(p).await;
-    let items = [(1, "alpha"), (2, "beta"), (3, "gamma")]
-        .into_iter()
-        .map(|(op, q)| {
-            let mut item = activity("a", op, "work", at);
-            item.options.queue = queue(q);
-            item
-        })
-        .collect();
-    schedule(p, "a", items).await;
+    schedule(
+        p,
+        "a",
+        routed(at, &[(1, "alpha"), (2, "beta"), (3, "gamma")]),
+    )
+    .await;
     assert_eq!(
         ops(&lease_queues(p, &["alpha", "beta"], 10, LEASE).await),
         [1, 2]

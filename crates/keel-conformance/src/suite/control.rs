@@ -5,8 +5,8 @@ use keel_provider::{Ack, ErrorKind, OnConflict, Provider, TurnOutcome};
 
 use crate::TestStore;
 use crate::fixtures::{
-    ack_all, activity, complete, expect_kind, fetch_instance, id, lease, new_instance, payload,
-    provider_now, run_turn, running, schedule, signal,
+    ack_all, activity, complete, end, expect_kind, fetch_instance, id, lease, new_instance,
+    payload, provider_now, running, schedule, signal,
 };
 
 #[doc(hidden)]
@@ -40,18 +40,6 @@ async fn send(p: &dyn Provider, instance: &InstanceId, n: i64) {
     p.send_message(instance, signal("s", n), None)
         .await
         .expect("send succeeds");
-}
-
-/// Runs a turn of `instance` (which must have visible messages) that ends it with
-/// `outcome`.
-async fn end(p: &dyn Provider, instance: &InstanceId, outcome: TurnOutcome) {
-    run_turn(p, instance, |work| {
-        let mut ack = ack_all(work);
-        ack.outcome = outcome;
-        ack
-    })
-    .await
-    .expect("the final turn acks");
 }
 
 /// A paused instance keeps its messages and accepts new ones, but is not fetched.

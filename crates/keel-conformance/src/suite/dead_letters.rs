@@ -11,7 +11,7 @@ use keel_provider::{
 
 use crate::TestStore;
 use crate::fixtures::{
-    FIRST, activity, complete, expect_kind, lease, payload, provider_now, run_turn, schedule,
+    FIRST, activity, complete, end, expect_kind, lease, payload, provider_now, schedule,
 };
 
 #[doc(hidden)]
@@ -301,13 +301,7 @@ pub async fn purging_an_instance_removes_its_dead_letters(store: TestStore) {
     let p = &*store.provider;
     let (a, _) = two_instances_with_dead_letters(p).await;
     // The dead letter's outcome is queued for "a"; its last turn consumes it and ends.
-    run_turn(p, &a, |work| {
-        let mut ack = crate::fixtures::ack_all(work);
-        ack.outcome = TurnOutcome::Failed(failure(1));
-        ack
-    })
-    .await
-    .expect("the final turn acks");
+    end(p, &a, TurnOutcome::Failed(failure(1))).await;
     store.advance(Duration::from_millis(10)).await;
     let filter = PurgeFilter {
         completed_before: provider_now(p)

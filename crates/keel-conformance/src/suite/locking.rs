@@ -10,7 +10,7 @@ use keel_provider::{Ack, FetchOrchestrations, OnConflict, Provider};
 
 use crate::TestStore;
 use crate::fixtures::{
-    LOCK, PAST_SHORT, SHORT, ack_all, ack_one, assert_nothing_fetchable, fetch, fetch_for,
+    LOCK, PAST_SHORT, SHORT, ack_all, ack_one, assert_nothing_fetchable, create, fetch, fetch_for,
     fetch_one, id, marker, new_instance, now, send, signal, signal_numbers, started, started_event,
 };
 
@@ -67,9 +67,7 @@ pub async fn concurrent_fetches_never_share_an_instance(store: TestStore) {
     const TASKS: usize = 16;
     let p = &*store.provider;
     for i in 0..INSTANCES {
-        p.create_instance(new_instance(&format!("i{i:02}")), OnConflict::Fail)
-            .await
-            .unwrap();
+        create(p, new_instance(&format!("i{i:02}"))).await;
     }
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
@@ -112,9 +110,7 @@ pub async fn concurrent_workers_run_each_turn_once(store: TestStore) {
     const WORKERS: u64 = 8;
     let p = &*store.provider;
     for i in 0..INSTANCES {
-        p.create_instance(new_instance(&format!("i{i:02}")), OnConflict::Fail)
-            .await
-            .unwrap();
+        create(p, new_instance(&format!("i{i:02}"))).await;
     }
     let mut tasks = Vec::new();
     for worker in 0..WORKERS {
@@ -392,9 +388,7 @@ pub async fn a_batch_takes_the_most_urgent_instances_in_order(store: TestStore) 
 pub async fn max_instances_is_respected(store: TestStore) {
     let p = &*store.provider;
     for i in 0..5 {
-        p.create_instance(new_instance(&format!("i{i}")), OnConflict::Fail)
-            .await
-            .unwrap();
+        create(p, new_instance(&format!("i{i}"))).await;
     }
     let sizes = [
         fetch(p, 2).await.len(),
