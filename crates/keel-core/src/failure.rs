@@ -122,6 +122,35 @@ impl From<CodecError> for Failure {
     }
 }
 
+/// Turns the error an activity or orchestration returned into the [`Failure`] Keel
+/// records.
+///
+/// Every `std::error::Error` converts: its kind is the error type's name (e.g.
+/// `"PaymentError"`), its message and source chain are kept, and it is retryable. Return
+/// a [`Failure`] itself to choose the kind, retryability and data; it passes through
+/// unchanged.
+pub trait IntoFailure {
+    /// The failure to record.
+    fn into_failure(self) -> Failure;
+}
+
+impl<E: StdError + Send + Sync + 'static> IntoFailure for E {
+    fn into_failure(self) -> Failure {
+        let error: Box<dyn StdError + Send + Sync> = Box::new(self);
+        match error.downcast::<Failure>() {
+            Ok(failure) => *failure,
+            Err(error) => Failure::from_error(short_type_name::<E>(), error.as_ref()),
+        }
+    }
+}
+
+/// `my_crate::errors::PaymentError<T>` -> `PaymentError`.
+fn short_type_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    let path = full.split('<').next().unwrap_or(full);
+    path.rsplit("::").next().unwrap_or(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +166,17 @@ mod tests {
         fn source(&self) -> Option<&(dyn StdError + 'static)> {
             Some(&self.0)
         }
+    }
+
+    #[test]
+    fn errors_become_failures_named_by_their_type() {
+        let failure = Outer(std::io::Error::other("connection reset")).into_failure();
+        assert_eq!(failure.kind, "Outer");
+        assert_eq!(failure.causes, ["connection reset"]);
+        assert!(failure.retryable);
+
+        let chosen = Failure::new("PaymentDeclined", "card refused").retryable(false);
+        assert_eq!(chosen.clone().into_failure(), chosen);
     }
 
     #[test]

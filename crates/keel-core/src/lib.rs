@@ -15,7 +15,7 @@ mod work_item;
 
 pub use error::{CodecError, InvalidInput, RecordError, Result};
 pub use event::{ActivityOptions, Event, EventKind, ParentLink, SideEffect};
-pub use failure::Failure;
+pub use failure::{Failure, IntoFailure};
 pub use ids::{ExecutionId, InstanceId, OpId, QueueName};
 pub use message::{Message, Outcome};
 pub use payload::{Codec, Format, Payload};

@@ -237,14 +237,33 @@ impl Codec {
             body
         };
         let decoded = match format {
-            Format::Json => serde_json::from_slice(body).map_err(|e| e.to_string()),
-            Format::Postcard => postcard::from_bytes(body).map_err(|e| e.to_string()),
+            Format::Json => {
+                let mut deserializer = serde_json::Deserializer::from_slice(body);
+                match serde_path_to_error::deserialize(&mut deserializer) {
+                    Ok(value) => deserializer.end().map(|()| value).map_err(|e| e.to_string()),
+                    Err(e) => Err(with_path(e.path(), e.inner())),
+                }
+            }
+            Format::Postcard => {
+                let mut deserializer = postcard::Deserializer::from_bytes(body);
+                serde_path_to_error::deserialize(&mut deserializer)
+                    .map_err(|e| with_path(e.path(), e.inner()))
+            }
         };
         decoded.map_err(|detail| CodecError::Decode {
             type_name: std::any::type_name::<T>(),
             format: format.name(),
             detail,
         })
+    }
+}
+
+/// A deserializer's message, prefixed with the field where it failed when known, so
+/// that "invalid type: string, expected u32" says which field was wrong.
+fn with_path(path: &serde_path_to_error::Path, error: &dyn std::fmt::Display) -> String {
+    match path.to_string().as_str() {
+        "" | "." => error.to_string(),
+        field => format!("at field `{field}`: {error}"),
     }
 }
 
@@ -337,6 +356,31 @@ impl<'de> de::Visitor<'de> for BytesVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code, reason = "only decoded, to see which field fails")]
+    struct Shipment {
+        id: String,
+        lines: Vec<Line>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code, reason = "only decoded, to see which field fails")]
+    struct Line {
+        qty: u32,
+    }
+
+    #[test]
+    fn a_decode_error_names_the_type_and_the_field() {
+        let codec = Codec::default();
+        let bad = codec
+            .encode(&serde_json::json!({"id": "o-1", "lines": [{"qty": "three"}]}))
+            .unwrap();
+        let message = codec.decode::<Shipment>(&bad).unwrap_err().to_string();
+        assert!(message.contains("Shipment"), "{message}");
+        assert!(message.contains("at field `lines[0].qty`"), "{message}");
+        assert!(message.contains("invalid type: string"), "{message}");
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Order {
