@@ -1,0 +1,1 @@
+//! Runnable Keel programs; see the `[[example]]`s of this package.
