@@ -1,1 +1,38 @@
-//! Shared helpers of the end-to-end tests.
+//! Shared helpers of the end-to-end tests: fresh SQLite files and worker options that
+//! keep the tests quick.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keel::WorkerOptions;
+use tempfile::TempDir;
+
+/// How long a test waits for a workflow that should finish quickly. Generous: the
+/// machine is shared and slow, and a timeout here means a bug, not a slow run.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A fresh database file in its own directory, deleted with the directory.
+#[derive(Debug)]
+pub struct Db {
+    /// Keeps the directory alive.
+    pub dir: TempDir,
+    /// The database file.
+    pub path: PathBuf,
+}
+
+impl Db {
+    /// A new, empty database path.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("keel.db");
+        Ok(Self { dir, path })
+    }
+}
+
+/// Worker options for tests: failed turns retried after 10 ms, shutdown after 5 s.
+pub fn test_options() -> WorkerOptions {
+    WorkerOptions::default()
+        .turn_retry_delay(Duration::from_millis(10))
+        .shutdown_timeout(Duration::from_secs(5))
+        .queue_depth_interval(None)
+}

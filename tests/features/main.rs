@@ -1,0 +1,10 @@
+//! One scenario per feature, through the `keel` facade on real SQLite files.
+
+mod basics;
+mod children;
+mod control;
+mod poison;
+mod retries;
+mod shutdown;
+mod signals;
+mod versions;
