@@ -30,6 +30,10 @@ pub(crate) struct Orchestrator {
 }
 
 /// What to do with one fetched instance.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per fetched instance, gone when its batch is acked"
+)]
 enum Step {
     /// Commit this ack; keep `cached` if the ack commits.
     Ack {
@@ -141,7 +145,6 @@ impl Orchestrator {
                 }
                 Step::Suspend { lock, reason } => self.suspend(&lock, &reason).await,
                 Step::Retry { lock, delay } => {
-                    metrics::count(metrics::TURNS, "outcome", "failed");
                     if let Err(error) = self.shared.provider.abandon_lock(&lock, delay).await {
                         tracing::debug!(%error, instance = %lock.instance(), "abandoning a lock failed; it will expire");
                     }
@@ -255,6 +258,15 @@ impl Orchestrator {
                 Err(problem) => return self.on_problem(&work.lock, problem),
             },
         };
+        if *cached.execution.state() == ExecutionState::NotStarted && !has_start(&work) {
+            // A signal or cancel for an instance whose delayed start is not due yet:
+            // leave it queued until the start arrives.
+            let delay = self.shared.options.max_poll_interval;
+            return Step::Retry {
+                lock: work.lock,
+                delay,
+            };
+        }
         let consumed = work.messages.iter().map(|queued| queued.id).collect();
         let messages = work.messages.into_iter().map(|queued| queued.message);
         let env = TurnEnv {
@@ -352,11 +364,13 @@ impl Orchestrator {
         match problem {
             Problem::Permanent(reason) => Step::Suspend { lock, reason },
             Problem::Unavailable(reason) => {
+                metrics::count(metrics::TURNS, "outcome", "failed");
                 tracing::warn!(%instance, reason, "a turn could not run; trying again");
                 let delay = self.shared.options.turn_retry_delay;
                 Step::Retry { lock, delay }
             }
             Problem::Transient(reason) => {
+                metrics::count(metrics::TURNS, "outcome", "failed");
                 let attempts = {
                     let mut failures = guard(&self.failures);
                     let attempts = failures.entry(instance.clone()).or_insert(0);
@@ -378,6 +392,13 @@ impl Orchestrator {
             }
         }
     }
+}
+
+/// Whether the batch holds the start of the current execution.
+fn has_start(work: &OrchestrationWork) -> bool {
+    work.messages.iter().any(|queued| {
+        matches!(&queued.message, Message::Start { execution, .. } if *execution == work.execution)
+    })
 }
 
 /// The version the start message of this execution asks for, on a first turn.

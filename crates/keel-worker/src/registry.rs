@@ -161,7 +161,8 @@ mod tests {
         assert_eq!(registry.orchestration("order", Some(1)).unwrap().0, 1);
         let missing = registry
             .orchestration("order", Some(2))
-            .unwrap_err()
+            .err()
+            .unwrap()
             .to_string();
         assert!(missing.contains("order v2"), "{missing}");
         assert!(missing.contains("order v1, v3"), "{missing}");
@@ -172,7 +173,7 @@ mod tests {
         let mut registry = Registry::new();
         registry.add_activity("charge", activity()).unwrap();
         registry.add_activity("ship", activity()).unwrap();
-        let message = registry.activity("refund").unwrap_err().to_string();
+        let message = registry.activity("refund").err().unwrap().to_string();
         assert!(message.contains("\"refund\""), "{message}");
         assert!(message.contains("charge, ship"), "{message}");
     }

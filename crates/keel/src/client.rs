@@ -370,9 +370,14 @@ impl InstanceInfo {
         match (self.record.status, self.record.failure) {
             (InstanceStatus::Cancelled, failure) => Error::Cancelled {
                 instance,
-                failure: failure.unwrap_or_else(|| Failure::new(Failure::CANCELLED, "cancelled")),
+                failure: Box::new(
+                    failure.unwrap_or_else(|| Failure::new(Failure::CANCELLED, "cancelled")),
+                ),
             },
-            (InstanceStatus::Failed, Some(failure)) => Error::Failed { instance, failure },
+            (InstanceStatus::Failed, Some(failure)) => Error::Failed {
+                instance,
+                failure: Box::new(failure),
+            },
             (status, _) => Error::NotFinished { instance, status },
         }
     }

@@ -21,7 +21,7 @@ pub enum Error {
         /// The instance.
         instance: InstanceId,
         /// Its failure.
-        failure: Failure,
+        failure: Box<Failure>,
     },
     /// The workflow was cancelled.
     #[error("workflow {instance} was cancelled: {failure}")]
@@ -29,7 +29,7 @@ pub enum Error {
         /// The instance.
         instance: InstanceId,
         /// Why, as a [`Failure::CANCELLED`] failure.
-        failure: Failure,
+        failure: Box<Failure>,
     },
     /// The workflow did not finish in time; it goes on running.
     #[error(
