@@ -135,11 +135,22 @@ fn positions(names: &[&str], name: &str) -> Vec<usize> {
     found.map(|(i, _)| i).collect()
 }
 
-/// Sleeps `ms` milliseconds unless cancelled first.
+static NAPS_CANCELLED: AtomicUsize = AtomicUsize::new(0);
+
+/// Sleeps `ms` milliseconds unless cancelled first. It heartbeats, since the worker
+/// learns of a cancellation when it renews the lease.
 async fn nap(ctx: ActivityContext, ms: u64) -> Result<String, Failure> {
-    tokio::select! {
-        () = tokio::time::sleep(Duration::from_millis(ms)) => Ok(format!("slept {ms}")),
-        () = ctx.cancellation_token().cancelled() => Err(Failure::new("Interrupted", "cancelled")),
+    let wake = tokio::time::sleep(Duration::from_millis(ms));
+    tokio::pin!(wake);
+    loop {
+        tokio::select! {
+            () = &mut wake => return Ok(format!("slept {ms}")),
+            () = ctx.cancelled() => {
+                NAPS_CANCELLED.fetch_add(1, Ordering::SeqCst);
+                return Err(Failure::new("Interrupted", "cancelled"));
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)) => ctx.heartbeat(),
+        }
     }
 }
 
@@ -178,6 +189,15 @@ async fn select_timer_wins_over_a_slow_activity() -> anyhow::Result<()> {
         "the activity was not cancelled: {names:?}"
     );
     assert!(!names.contains(&"ActivityCompleted"), "{names:?}");
+    // The loser's cancellation token fires.
+    let deadline = Instant::now() + WAIT;
+    while NAPS_CANCELLED.load(Ordering::SeqCst) == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the activity never saw its cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     keel.shutdown().await;
     Ok(())
 }
