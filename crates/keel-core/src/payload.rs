@@ -240,7 +240,10 @@ impl Codec {
             Format::Json => {
                 let mut deserializer = serde_json::Deserializer::from_slice(body);
                 match serde_path_to_error::deserialize(&mut deserializer) {
-                    Ok(value) => deserializer.end().map(|()| value).map_err(|e| e.to_string()),
+                    Ok(value) => deserializer
+                        .end()
+                        .map(|()| value)
+                        .map_err(|e| e.to_string()),
                     Err(e) => Err(with_path(e.path(), e.inner())),
                 }
             }
