@@ -377,7 +377,7 @@ async fn place(_ctx: ActivityContext, order: Order) -> Result<String, Failure> {
     Ok(format!("{} x {}", order.quantity, order.item))
 }
 
-/// Places `order` (any JSON) with up to 3 attempts, 2 s apart; reports a failure as
+/// Places `order` (any JSON) with up to 3 attempts, 5 s apart; reports a failure as
 /// `[kind, message, causes...]`.
 async fn order_flow(
     ctx: OrchestrationContext,
@@ -385,7 +385,7 @@ async fn order_flow(
 ) -> Result<Vec<String>, Failure> {
     let call = ctx
         .activity::<String, _>("place", &order)
-        .retry(policy(3, 2_000));
+        .retry(policy(3, 5_000));
     Ok(match call.await {
         Ok(out) => vec![out],
         Err(failure) => [failure.kind, failure.message]
@@ -411,10 +411,10 @@ async fn an_input_that_does_not_decode_fails_at_once() -> anyhow::Result<()> {
     let good = client.start("order_flow", &good).await?;
 
     let report: Vec<String> = client.wait(&bad, WAIT).await?;
-    // A retry would have come 2 s later: the failure came back after one attempt.
+    // A retry would have come 5 s later: the failure came back after one attempt.
     let elapsed = started.elapsed();
     assert!(
-        elapsed < Duration::from_secs(2),
+        elapsed < Duration::from_secs(5),
         "retried? {elapsed:?} {report:?}"
     );
     assert_eq!(report[0], Failure::DECODE, "{report:?}");

@@ -53,7 +53,7 @@ async fn a_signal_sent_before_the_wait_is_kept() -> anyhow::Result<()> {
         .start()
         .await?;
     let client = keel.client();
-    let id = client.start("late_listener", &500u64).await?;
+    let id = client.start("late_listener", &1_000u64).await?;
     client.signal(&id, "go", "early bird").await?;
 
     let out: String = client.wait(&id, WAIT).await?;
