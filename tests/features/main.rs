@@ -3,6 +3,7 @@
 mod basics;
 mod children;
 mod control;
+mod management;
 mod poison;
 mod retries;
 mod shutdown;
