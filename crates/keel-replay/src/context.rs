@@ -305,10 +305,13 @@ impl<O> ActivityCall<O> {
         self.draft.as_mut().map(|d| &mut d.2)
     }
 
-    /// Retries failed attempts by `policy` (the default: 5 attempts, 1 s doubling).
+    /// Retries failed attempts by `policy` (the default: 5 attempts, 1 s doubling). A
+    /// timeout set with [`timeout`](Self::timeout) is kept unless `policy` has its own.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         if let Some(options) = self.options_mut() {
+            let timeout = options.retry.attempt_timeout;
             options.retry = policy;
+            options.retry.attempt_timeout = options.retry.attempt_timeout.or(timeout);
         }
         self
     }

@@ -88,6 +88,26 @@ fn activity_options_reach_the_command() {
 }
 
 #[test]
+fn a_timeout_set_before_the_retry_policy_is_kept() {
+    let mut h = Harness::new(from_fn(|ctx: OrchestrationContext, _: ()| async move {
+        let policy = keel_core::RetryPolicy {
+            max_attempts: 2,
+            ..Default::default()
+        };
+        ctx.activity::<(), _>("charge", &1)
+            .timeout(Duration::from_secs(3))
+            .retry(policy)
+            .await
+    }));
+    let turn = h.start(&());
+    let Command::ScheduleActivity { options, .. } = &turn.commands[0] else {
+        panic!("{turn:?}")
+    };
+    assert_eq!(options.retry.max_attempts, 2);
+    assert_eq!(options.attempt_timeout(), Some(Duration::from_secs(3)));
+}
+
+#[test]
 fn an_invalid_retry_policy_fails_the_call_not_the_engine() {
     let mut h = Harness::new(from_fn(|ctx: OrchestrationContext, _: ()| async move {
         let bad = keel_core::RetryPolicy {
