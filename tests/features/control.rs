@@ -220,3 +220,50 @@ async fn a_paused_instance_keeps_its_signal_until_resumed() -> anyhow::Result<()
     keel.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_an_activity_of_this_process_without_waiting_for_a_renewal()
+-> anyhow::Result<()> {
+    let db = Db::new()?;
+    let seen = Arc::new(Seen::default());
+    let in_activity = Arc::clone(&seen);
+    // A 60 s lease is renewed every 20 s: hearing of the cancel sooner proves the
+    // worker told the attempt itself.
+    let keel = Keel::builder()
+        .sqlite(&db.path)
+        .options(test_options().lease_duration(Duration::from_secs(60)))
+        .activity("quiet", move |ctx: ActivityContext, (): ()| {
+            let seen = Arc::clone(&in_activity);
+            async move {
+                seen.started.store(ctx.deliveries() == 1, Ordering::SeqCst);
+                ctx.cancelled().await;
+                seen.cancelled.store(true, Ordering::SeqCst);
+                Err::<String, _>(Failure::new(Failure::CANCELLED, "the token fired"))
+            }
+        })
+        .orchestration("flow", |ctx: OrchestrationContext, (): ()| async move {
+            ctx.activity::<String, _>("quiet", &()).await
+        })
+        .start()
+        .await?;
+    let client = keel.client();
+    let id = client.start("flow", &()).await?;
+    eventually("the activity runs, delivered once", WAIT, || {
+        seen.started.load(Ordering::SeqCst)
+    })
+    .await?;
+    client.cancel(&id, "stop").await?;
+    expect_cancelled(client.wait::<String>(&id, WAIT).await, "the workflow")?;
+    eventually(
+        "the activity sees its token fire",
+        Duration::from_secs(10),
+        || seen.cancelled.load(Ordering::SeqCst),
+    )
+    .await?;
+    let report = keel.shutdown().await;
+    ensure!(
+        report.drained,
+        "the cancelled activity was still running: {report:?}"
+    );
+    Ok(())
+}

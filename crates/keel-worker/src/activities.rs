@@ -1,13 +1,14 @@
 //! The activity worker: claim what it can run, run each attempt under a renewed lease
 //! with its timeout and cancellation, apply the retry policy, commit outcomes in groups.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use keel_core::{Failure, Payload, RetryDecision, Timestamp};
+use keel_core::{ExecutionId, Failure, InstanceId, OpId, Payload, RetryDecision, Timestamp};
 use keel_provider::{
     ActivityCompletion, ActivityRetry, ErrorKind, FetchActivities, LeaseToken, LeasedWorkItem,
     WorkKind,
@@ -132,18 +133,22 @@ async fn run_attempt(
                 op: item.op,
                 name: item.name.clone(),
                 number: item.attempt,
+                deliveries: leased.deliveries,
                 scheduled_at: item.scheduled_at,
             }),
             cancel.clone(),
             heartbeat,
             shared.options.codec,
         );
+        let key = (item.instance.clone(), item.execution, item.op);
+        shared.running.insert(key.clone(), cancel.clone());
         let started = Instant::now();
         let outcome = tokio::select! {
             outcome = attempt(&shared, ctx, item.input.clone(), item.options.attempt_timeout()) => Some(outcome),
             () = shared.halt.cancelled() => None,
         };
         renewal.abort();
+        shared.running.remove(&key);
         metrics::labelled_seconds(metrics::ACTIVITY_DURATION, "activity", &*item.name, started.elapsed());
         let Some(outcome) = outcome else {
             // Shutdown's deadline passed: hand the item to another worker at once.
@@ -271,6 +276,41 @@ async fn keep_leased(
             }
             Err(error) => tracing::warn!(%error, "renewing a lease failed; trying again"),
         }
+    }
+}
+
+/// Identifies a running attempt: the instance, execution and op it completes.
+type AttemptKey = (InstanceId, ExecutionId, OpId);
+
+/// The attempts running in this process, so that a turn that cancels one of them fires
+/// its token at once instead of at the attempt's next lease renewal.
+#[derive(Debug, Default)]
+pub(crate) struct Running(Mutex<HashMap<AttemptKey, CancellationToken>>);
+
+impl Running {
+    fn insert(&self, key: AttemptKey, cancel: CancellationToken) {
+        self.attempts().insert(key, cancel);
+    }
+
+    fn remove(&self, key: &AttemptKey) {
+        self.attempts().remove(key);
+    }
+
+    /// Fires the tokens of `ops` of `instance`'s `execution` that run here.
+    pub(crate) fn cancel(&self, instance: &InstanceId, execution: ExecutionId, ops: &[OpId]) {
+        let attempts = self.attempts();
+        for op in ops {
+            if let Some(cancel) = attempts.get(&(instance.clone(), execution, *op)) {
+                cancel.cancel();
+            }
+        }
+    }
+
+    fn attempts(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, CancellationToken>> {
+        // Every change is a single insert or remove: a panic cannot leave it half-done.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -34,6 +34,10 @@ where
 /// What one attempt of an activity knows about itself, and its line back to the worker:
 /// a heartbeat that renews its lease, and a token that fires when the workflow cancels
 /// it (or its attempt times out, or the worker shuts down past its deadline).
+///
+/// A cancellation by a turn of this process fires the token at once; one made by
+/// another worker process is learnt at the next lease renewal (every third of the
+/// lease) or at [`heartbeat`](Self::heartbeat).
 #[derive(Debug, Clone)]
 pub struct ActivityContext {
     attempt: Arc<Attempt>,
@@ -50,6 +54,7 @@ pub(crate) struct Attempt {
     pub(crate) op: OpId,
     pub(crate) name: String,
     pub(crate) number: u32,
+    pub(crate) deliveries: u32,
     pub(crate) scheduled_at: Timestamp,
 }
 
@@ -92,6 +97,13 @@ impl ActivityContext {
     /// This attempt's number, from 1.
     pub fn attempt(&self) -> u32 {
         self.attempt.number
+    }
+
+    /// How many times this attempt has been handed to a worker, this time included:
+    /// above 1 when a worker died (or lost its lease) running it. Retries after a
+    /// failure count in [`attempt`](Self::attempt) instead.
+    pub fn deliveries(&self) -> u32 {
+        self.attempt.deliveries
     }
 
     /// When the orchestration scheduled the activity.

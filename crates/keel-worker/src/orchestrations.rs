@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use keel_core::{Event, EventKind, Failure, InstanceId, Message, Payload, Timestamp};
+use keel_core::{
+    Event, EventKind, ExecutionId, Failure, InstanceId, Message, OpId, Payload, Timestamp,
+};
 use keel_provider::{Ack, ErrorKind, FetchOrchestrations, LockToken, OrchestrationWork, WorkKind};
 use keel_replay::{
     Execution, ExecutionState, Orchestration, OrchestrationContext, OrchestrationFuture,
@@ -38,6 +40,7 @@ enum Step {
     /// Commit this ack; keep `cached` if the ack commits.
     Ack {
         ack: Box<Ack>,
+        execution: ExecutionId,
         cached: Option<Cached>,
         finished: Option<Finished>,
     },
@@ -45,6 +48,16 @@ enum Step {
     Suspend { lock: LockToken, reason: String },
     /// Release the lock and try the turn again after `delay`.
     Retry { lock: LockToken, delay: Duration },
+}
+
+/// What is left to do once an ack has committed.
+struct Acked {
+    lock: LockToken,
+    execution: ExecutionId,
+    /// Activities the turn cancelled: their tokens fire at once if they run here.
+    cancelled: Vec<OpId>,
+    cached: Option<Cached>,
+    finished: Option<Finished>,
 }
 
 /// An execution that ended in this turn, for metrics and waiting clients.
@@ -137,10 +150,17 @@ impl Orchestrator {
             match step {
                 Step::Ack {
                     ack,
+                    execution,
                     cached,
                     finished,
                 } => {
-                    after_ack.push((ack.lock.clone(), cached, finished));
+                    after_ack.push(Acked {
+                        lock: ack.lock.clone(),
+                        execution,
+                        cancelled: ack.cancel_activities.clone(),
+                        cached,
+                        finished,
+                    });
                     acks.push(*ack);
                 }
                 Step::Suspend { lock, reason } => self.suspend(&lock, &reason).await,
@@ -166,14 +186,14 @@ impl Orchestrator {
     async fn after_acks(
         &self,
         results: keel_provider::Result<Vec<keel_provider::Result<()>>>,
-        acked: Vec<(LockToken, Option<Cached>, Option<Finished>)>,
+        acked: Vec<Acked>,
     ) {
         let results = match results {
             Ok(results) => results,
             Err(error) => {
                 // Nothing committed; release the locks so the turns run again at once.
                 tracing::warn!(%error, turns = acked.len(), "committing turns failed");
-                for (lock, ..) in acked {
+                for Acked { lock, .. } in acked {
                     let _ = self
                         .shared
                         .provider
@@ -183,12 +203,25 @@ impl Orchestrator {
                 return;
             }
         };
-        for (result, (lock, cached, finished)) in results.into_iter().zip(acked) {
+        for (
+            result,
+            Acked {
+                lock,
+                execution,
+                cancelled,
+                cached,
+                finished,
+            },
+        ) in results.into_iter().zip(acked)
+        {
             let instance = lock.instance().clone();
             let instance = &instance;
             match result {
                 Ok(()) => {
                     metrics::count(metrics::TURNS, "outcome", "acked");
+                    if !cancelled.is_empty() {
+                        self.shared.running.cancel(instance, execution, &cancelled);
+                    }
                     guard(&self.failures).remove(instance);
                     if let Some(cached) = cached {
                         guard(&self.cache).put(instance.clone(), cached);
@@ -292,6 +325,7 @@ impl Orchestrator {
         let ack = ack_for(&of, consumed, turn);
         Step::Ack {
             ack: Box::new(ack),
+            execution: work.execution,
             cached: finished.is_none().then_some(cached),
             finished,
         }

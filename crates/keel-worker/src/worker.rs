@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::activities::{self, Committer};
+use crate::activities::{self, Committer, Running};
 use crate::error::Result;
 use crate::metrics;
 use crate::notifier::Notifier;
@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) halt: CancellationToken,
     /// Activities abandoned at the deadline.
     pub(crate) abandoned: AtomicUsize,
+    /// Attempts running in this process.
+    pub(crate) running: Running,
 }
 
 /// A running worker: orchestration lanes and an activity worker over one provider.
@@ -68,6 +70,7 @@ impl Worker {
             stop: CancellationToken::new(),
             halt: CancellationToken::new(),
             abandoned: AtomicUsize::new(0),
+            running: Running::default(),
         });
         let tasks = TaskTracker::new();
         if shared.options.orchestrations {
