@@ -3,7 +3,7 @@
 use keel_provider::ProviderError;
 use thiserror::Error;
 
-/// A `Result` whose error defaults to [`Error`].
+/// A `Result` whose error defaults to [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Why a registration, an option or a worker call failed.

@@ -6,7 +6,7 @@ use keel_core::{CodecError, Failure, InstanceId, InstanceStatus, InvalidInput};
 use keel_provider::ProviderError;
 use thiserror::Error;
 
-/// A `Result` whose error defaults to [`Error`].
+/// A `Result` whose error defaults to [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Why a Keel call failed. A workflow's own failure comes back as [`Error::Failed`] with
