@@ -144,8 +144,7 @@ impl Orchestrator {
             self.step(work).instrument(span)
         }))
         .await;
-        let mut acks = Vec::new();
-        let mut after_ack = Vec::new();
+        let mut pending = Vec::new();
         for step in steps {
             match step {
                 Step::Ack {
@@ -154,31 +153,25 @@ impl Orchestrator {
                     cached,
                     finished,
                 } => {
-                    after_ack.push(Acked {
+                    let acked = Acked {
                         lock: ack.lock.clone(),
                         execution,
                         cancelled: ack.cancel_activities.clone(),
                         cached,
                         finished,
-                    });
-                    acks.push(*ack);
+                    };
+                    pending.push((*ack, acked));
                 }
-                Step::Suspend { lock, reason } => self.suspend(&lock, &reason).await,
-                Step::Retry { lock, delay } => {
-                    if let Err(error) = self.shared.provider.abandon_lock(&lock, delay).await {
-                        tracing::debug!(%error, instance = %lock.instance(), "abandoning a lock failed; it will expire");
-                    }
-                }
+                other => self.settle(other).await,
             }
         }
         let max_batch = self.shared.provider.capabilities().max_batch.max(1);
-        while !acks.is_empty() {
-            let rest = acks.split_off(acks.len().min(max_batch));
+        while !pending.is_empty() {
+            let rest = pending.split_off(pending.len().min(max_batch));
+            let (acks, acked): (Vec<Ack>, Vec<Acked>) = pending.into_iter().unzip();
             let results = self.shared.provider.ack_turns(acks).await;
-            let rest_after = after_ack.split_off(after_ack.len().min(max_batch));
-            self.after_acks(results, after_ack).await;
-            acks = rest;
-            after_ack = rest_after;
+            self.after_acks(results, acked).await;
+            pending = rest;
         }
         metrics::seconds(metrics::TURN_DURATION, started.elapsed());
     }
@@ -214,8 +207,7 @@ impl Orchestrator {
             },
         ) in results.into_iter().zip(acked)
         {
-            let instance = lock.instance().clone();
-            let instance = &instance;
+            let instance = lock.instance();
             match result {
                 Ok(()) => {
                     metrics::count(metrics::TURNS, "outcome", "acked");
@@ -240,18 +232,20 @@ impl Orchestrator {
                     metrics::count(metrics::TURNS, "outcome", "rejected");
                     tracing::warn!(%instance, %error, "a turn's ack was rejected");
                     let step = self.on_problem(&lock, Problem::Transient(error.to_string()));
-                    self.apply_unacked(step).await;
+                    self.settle(step).await;
                 }
             }
         }
     }
 
-    /// Carries out a suspend or retry decided after an ack was rejected.
-    async fn apply_unacked(&self, step: Step) {
+    /// Carries out a turn that did not end in an ack: a suspend or a retry.
+    async fn settle(&self, step: Step) {
         match step {
             Step::Suspend { lock, reason } => self.suspend(&lock, &reason).await,
             Step::Retry { lock, delay } => {
-                let _ = self.shared.provider.abandon_lock(&lock, delay).await;
+                if let Err(error) = self.shared.provider.abandon_lock(&lock, delay).await {
+                    tracing::debug!(%error, instance = %lock.instance(), "abandoning a lock failed; it will expire");
+                }
             }
             Step::Ack { .. } => {}
         }
@@ -271,7 +265,7 @@ impl Orchestrator {
     }
 
     /// Computes one instance's turn.
-    async fn step(&self, work: OrchestrationWork) -> Step {
+    async fn step(&self, mut work: OrchestrationWork) -> Step {
         let instance = work.lock.instance().clone();
         let now = Timestamp::from_millis(
             work.locked_until
@@ -286,7 +280,7 @@ impl Orchestrator {
         );
         let mut cached = match cached {
             Some(cached) => cached,
-            None => match self.load(&work, now).await {
+            None => match self.load(&mut work, now).await {
                 Ok(cached) => cached,
                 Err(problem) => return self.on_problem(&work.lock, problem),
             },
@@ -332,10 +326,10 @@ impl Orchestrator {
     }
 
     /// Builds the execution from the stored history (a cache miss).
-    async fn load(&self, work: &OrchestrationWork, now: Timestamp) -> Result<Cached, Problem> {
+    async fn load(&self, work: &mut OrchestrationWork, now: Timestamp) -> Result<Cached, Problem> {
         let instance = work.lock.instance();
-        let history = match &work.history {
-            Some(history) => history.clone(),
+        let history = match work.history.take() {
+            Some(history) => history,
             None => self
                 .shared
                 .provider
