@@ -193,4 +193,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
 
     /// When the next invisible item of `kind` becomes visible, if any is queued.
     async fn next_due(&self, kind: WorkKind) -> Result<Option<Timestamp>>;
+
+    /// Waits until some instance may have ended (completed, failed, was cancelled,
+    /// continued as new or was suspended) or `timeout` passes, and returns whether news
+    /// of an end came. A provider that cannot hear of ends from other processes returns
+    /// `false` at once, the default: a client waiting for a result then polls.
+    async fn wait_for_ended(&self, timeout: Duration) -> Result<bool> {
+        let _ = timeout;
+        Ok(false)
+    }
 }

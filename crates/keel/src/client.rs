@@ -21,7 +21,8 @@ use tokio::time::Instant;
 use crate::error::{Error, Result};
 
 /// The first and the longest pause of a wait's fallback poll. A worker in this process
-/// wakes waiters as soon as an instance finishes; the poll covers the others.
+/// wakes waiters as soon as an instance finishes, a provider with a notifier when one
+/// finishes elsewhere; the poll covers the rest.
 const FIRST_POLL: Duration = Duration::from_millis(10);
 const LONGEST_POLL: Duration = Duration::from_secs(1);
 
@@ -169,9 +170,12 @@ impl Client {
                     reason: info.record.status_reason,
                 });
             }
+            let pause = poll.min(deadline - now);
+            let provider = &self.inner.provider;
             tokio::select! {
                 () = finished => {}
-                () = tokio::time::sleep(poll.min(deadline - now)) => poll = (poll * 2).min(LONGEST_POLL),
+                () = ended_elsewhere(provider.as_ref(), pause) => {}
+                () = tokio::time::sleep(pause) => poll = (poll * 2).min(LONGEST_POLL),
             }
         }
     }
@@ -199,6 +203,15 @@ impl Client {
             next: page.next,
         })
     }
+}
+
+/// Resolves when the provider hears that an instance ended in another process; never,
+/// if it cannot hear of that (the caller's poll covers it).
+async fn ended_elsewhere(provider: &dyn Provider, timeout: Duration) {
+    if let Ok(true) = provider.wait_for_ended(timeout).await {
+        return;
+    }
+    std::future::pending::<()>().await;
 }
 
 /// A start request; set options, then `.await` it for the instance id.
