@@ -1,0 +1,137 @@
+//! What a workload run measures: named values with units.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// The unit of a measured value, for formatting and for the JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Unit {
+    /// Events per second.
+    PerSecond,
+    /// Milliseconds.
+    Millis,
+    /// Seconds.
+    Seconds,
+    /// Mebibytes.
+    Megabytes,
+    /// A dimensionless ratio.
+    Ratio,
+    /// A plain count.
+    Count,
+}
+
+impl Unit {
+    /// `value` in this unit, as the table shows it.
+    pub(crate) fn format(self, value: f64) -> String {
+        if value.is_nan() {
+            return "-".to_owned();
+        }
+        match self {
+            Self::PerSecond => format!("{}/s", thousands(value)),
+            Self::Millis => format!("{value:.2} ms"),
+            Self::Seconds => format!("{value:.2} s"),
+            Self::Megabytes => format!("{value:.0} MB"),
+            Self::Ratio => format!("{value:.2}x"),
+            Self::Count => thousands(value),
+        }
+    }
+}
+
+/// `value` rounded, with thousands separated by commas.
+pub(crate) fn thousands(value: f64) -> String {
+    let rounded = format!("{:.0}", value.abs());
+    let mut out = String::new();
+    for (i, digit) in rounded.chars().enumerate() {
+        if i > 0 && (rounded.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    if value < 0.0 { format!("-{out}") } else { out }
+}
+
+/// The names of the values workloads measure, shared by the workloads, the targets and
+/// the report.
+pub(crate) mod key {
+    /// Workflows completed per second in the measurement window.
+    pub(crate) const WORKFLOWS_PER_S: &str = "workflows_per_s";
+    /// Activity steps completed per second in the measurement window.
+    pub(crate) const STEPS_PER_S: &str = "activity_steps_per_s";
+    /// Steps per second over the same run's single-row commit rate.
+    pub(crate) const STEPS_PER_COMMIT: &str = "steps_per_single_row_commit";
+    /// Median workflow start-to-result time under load.
+    pub(crate) const WORKFLOW_P50_MS: &str = "workflow_p50_ms";
+    /// Start-to-result latency percentiles.
+    pub(crate) const P50_MS: &str = "p50_ms";
+    /// The 95th percentile.
+    pub(crate) const P95_MS: &str = "p95_ms";
+    /// The 99th percentile.
+    pub(crate) const P99_MS: &str = "p99_ms";
+    /// Schedule-to-start percentiles of the activity.
+    pub(crate) const SCHEDULE_TO_START_P50_MS: &str = "schedule_to_start_p50_ms";
+    /// The 99th percentile of schedule-to-start.
+    pub(crate) const SCHEDULE_TO_START_P99_MS: &str = "schedule_to_start_p99_ms";
+    /// How many samples a latency figure has.
+    pub(crate) const SAMPLES: &str = "samples";
+    /// Wall time to complete one workflow.
+    pub(crate) const COMPLETE_S: &str = "complete_s";
+    /// The process's peak resident memory during the workload.
+    pub(crate) const PEAK_RSS_MB: &str = "peak_rss_mb";
+    /// Mean time per step over the first 100 steps.
+    pub(crate) const FIRST_100_MS: &str = "first_100_step_ms";
+    /// Mean time per step over the last 100 steps.
+    pub(crate) const LAST_100_MS: &str = "last_100_step_ms";
+    /// Last-100 step cost over first-100 step cost.
+    pub(crate) const LAST_OVER_FIRST: &str = "last_over_first";
+    /// How many workflows (or activities) the workload had.
+    pub(crate) const SIZE: &str = "size";
+    /// Time to start every sleeper and see it parked.
+    pub(crate) const SETUP_S: &str = "setup_s";
+    /// Resident memory while every sleeper is parked.
+    pub(crate) const PARKED_RSS_MB: &str = "parked_rss_mb";
+    /// Time for all due timers to complete their workflows.
+    pub(crate) const STORM_S: &str = "storm_s";
+    /// Timers drained per second in the wake storm.
+    pub(crate) const TIMERS_PER_S: &str = "timers_per_s";
+    /// Single-row autocommit transactions per second.
+    pub(crate) const SINGLE_ROW_COMMITS_PER_S: &str = "single_row_commits_per_s";
+    /// Rows per second inserted in 100-row transactions.
+    pub(crate) const BATCHED_ROWS_PER_S: &str = "rows_per_s_in_100_row_tx";
+}
+
+/// The values one run of a workload measured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outcome {
+    /// Each value by its key, with its unit.
+    pub(crate) values: BTreeMap<&'static str, (Unit, f64)>,
+    /// Remarks for the reader (a setup that overran, a skipped measurement).
+    pub(crate) notes: Vec<String>,
+}
+
+impl Outcome {
+    /// Records `value` under `key`.
+    pub(crate) fn set(&mut self, key: &'static str, unit: Unit, value: f64) -> &mut Self {
+        self.values.insert(key, (unit, value));
+        self
+    }
+
+    /// The value under `key`, if measured.
+    pub(crate) fn get(&self, key: &str) -> Option<f64> {
+        self.values.get(key).map(|&(_, value)| value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.4), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(12_345.6), "12,346");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+}

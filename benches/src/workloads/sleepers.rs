@@ -1,0 +1,224 @@
+//! `sleepers`: many workflows parked in durable timers that all come due at the same
+//! instant. Measures the setup (starting them all, concurrently, until every timer is
+//! committed), the worker's resident memory while they are parked, and how fast the
+//! wake storm drains.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, ensure};
+use keel::prelude::*;
+use keel::{InstanceQuery, PageRequest, Timestamp};
+use tokio::task::JoinSet;
+
+use super::{Sizes, WAIT, builder};
+use crate::backend::Store;
+use crate::limits::rate;
+use crate::metric::{Outcome, Unit, key};
+use crate::progress::Progress;
+use crate::sys;
+
+/// Starts in flight at once during setup, so that the client is not the bottleneck.
+const STARTERS: u32 = 256;
+
+/// The setup rate the timer's due time allows for (starts plus first turns per
+/// second); a slower setup overruns the timer, which the report then says.
+const ASSUMED_SETUP_RATE: f64 = 4_000.0;
+
+/// Never less than this between the first start and the storm.
+const MIN_PARK: Duration = Duration::from_secs(3);
+
+/// How often setup and drain look at the store.
+const LOOK: Duration = Duration::from_millis(50);
+
+/// Counts the wake-ups and remembers the last instance to wake.
+#[derive(Debug, Default)]
+struct Woken {
+    count: AtomicU32,
+    last: Mutex<Option<InstanceId>>,
+}
+
+/// Parks `sizes.sleepers` workflows, then lets their timers come due together.
+pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Result<Outcome> {
+    let total = sizes.sleepers;
+    let woken = Arc::new(Woken::default());
+    let in_flow = Arc::clone(&woken);
+    let keel = builder(store)
+        // Sleeps until the absolute time `due` (ms since the epoch), then returns `index`.
+        .orchestration(
+            "sleeper",
+            move |ctx: OrchestrationContext, (index, due): (u32, u64)| {
+                let woken = Arc::clone(&in_flow);
+                async move {
+                    ctx.sleep_until(Timestamp::from_millis(due)).await;
+                    if !ctx.is_replaying() {
+                        woken.count.fetch_add(1, Ordering::Relaxed);
+                        *woken.last.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(ctx.instance_id());
+                    }
+                    Ok::<_, Failure>(index)
+                }
+            },
+        )
+        .start()
+        .await?;
+    let measured = measure(&keel.client(), &woken, total, progress).await;
+    keel.shutdown().await;
+    measured
+}
+
+async fn measure(
+    client: &Client,
+    woken: &Woken,
+    total: u32,
+    progress: &Progress,
+) -> Result<Outcome> {
+    let mut outcome = Outcome::default();
+    let park = MIN_PARK.max(Duration::from_secs_f64(
+        f64::from(total) / ASSUMED_SETUP_RATE,
+    ));
+    let due_at = SystemTime::now() + park;
+    let due_instant = Instant::now() + park;
+    let due = Timestamp::from_system_time(due_at).as_millis();
+    sys::reset_peak();
+
+    // Setup: every start, then every first turn (its timer committed).
+    let began = Instant::now();
+    let bar = progress.bar("starting", u64::from(total));
+    let next = Arc::new(AtomicU32::new(0));
+    let mut starters = JoinSet::new();
+    for _ in 0..STARTERS.min(total) {
+        let client = client.clone();
+        let next = Arc::clone(&next);
+        let bar = bar.handle();
+        starters.spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= total {
+                    return anyhow::Ok(());
+                }
+                client
+                    .start("sleeper", &(index, due))
+                    .id(format!("sleeper-{index}"))
+                    .await?;
+                bar.inc(1);
+            }
+        });
+    }
+    while let Some(started) = starters.join_next().await {
+        started??;
+    }
+    drop(bar);
+    let started = began.elapsed();
+    let bar = progress.bar("parking", u64::from(total));
+    loop {
+        let depths = client.provider().queue_depths().await?;
+        bar.handle().set_position(depths.messages_delayed);
+        if depths.messages_delayed >= u64::from(total) && depths.messages_ready == 0 {
+            break;
+        }
+        // Timers that came due during setup leave the delayed count: stop waiting.
+        if Instant::now() >= due_instant {
+            outcome.notes.push(format!(
+                "setup overran the timer: {} of {total} parked when it came due",
+                depths.messages_delayed
+            ));
+            break;
+        }
+        tokio::time::sleep(LOOK).await;
+    }
+    drop(bar);
+    let setup = began.elapsed();
+    tokio::time::sleep(LOOK).await;
+    let parked = sys::memory().context("no /proc/self/status")?;
+
+    // The storm: from the due time (or the end of setup, if later) to the last
+    // workflow's completion.
+    tokio::time::sleep_until(due_instant.into()).await;
+    let storm_began = Instant::now();
+    let bar = progress.bar("waking", u64::from(total));
+    let deadline = storm_began + WAIT;
+    while woken.count.load(Ordering::Relaxed) < total {
+        ensure!(
+            Instant::now() < deadline,
+            "the wake storm did not drain in {WAIT:?}"
+        );
+        bar.handle()
+            .set_position(u64::from(woken.count.load(Ordering::Relaxed)));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let last = woken
+        .last
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if let Some(last) = last {
+        client.wait::<u32>(&last, WAIT).await?;
+    }
+    let storm = storm_began.elapsed();
+    drop(bar);
+    check_results(client, total).await?;
+
+    #[allow(clippy::cast_precision_loss, reason = "a count for display")]
+    outcome
+        .set(key::SIZE, Unit::Count, f64::from(total))
+        .set(key::SETUP_S, Unit::Seconds, setup.as_secs_f64())
+        .set(
+            key::PARKED_RSS_MB,
+            Unit::Megabytes,
+            sys::megabytes(parked.rss),
+        )
+        .set(
+            key::PEAK_RSS_MB,
+            Unit::Megabytes,
+            sys::megabytes(parked.peak),
+        )
+        .set(key::STORM_S, Unit::Seconds, storm.as_secs_f64())
+        .set(
+            key::TIMERS_PER_S,
+            Unit::PerSecond,
+            rate(u64::from(total), storm),
+        );
+    outcome.notes.push(format!(
+        "starts took {:.2} s of the {:.2} s setup",
+        started.as_secs_f64(),
+        setup.as_secs_f64()
+    ));
+    Ok(outcome)
+}
+
+/// Every sleeper completed with its own index.
+async fn check_results(client: &Client, total: u32) -> Result<()> {
+    let query = InstanceQuery {
+        name: Some("sleeper".to_owned()),
+        ..InstanceQuery::default()
+    };
+    let mut page = PageRequest::first(1_000);
+    let mut seen = vec![false; usize::try_from(total)?];
+    loop {
+        let listed = client.list(query.clone(), page.clone()).await?;
+        for info in &listed.items {
+            ensure!(
+                info.status() == InstanceStatus::Completed,
+                "{} is {:?}",
+                info.id(),
+                info.status()
+            );
+            let index: u32 = info.output()?;
+            ensure!(
+                info.id().as_ref() == format!("sleeper-{index}"),
+                "{} returned {index}",
+                info.id()
+            );
+            seen[usize::try_from(index)?] = true;
+        }
+        match listed.next {
+            Some(cursor) => page.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    let missing = seen.iter().filter(|seen| !**seen).count();
+    ensure!(missing == 0, "{missing} sleepers are missing");
+    Ok(())
+}
