@@ -73,11 +73,6 @@ impl Wake {
         self.last_fetch(kind).fetch_max(at, Ordering::Relaxed);
     }
 
-    /// Wakes this process's waiters of `kind` (after a commit that enqueued work).
-    pub(crate) fn notify(&self, kind: WorkKind) {
-        self.of(kind).notify_waiters();
-    }
-
     /// Wakes everyone: after the listener (re)connects, notifications sent while it
     /// was away are lost, so waiters look for themselves.
     fn notify_all(&self) {
