@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo run --example order              # keeps its state in target/keel-examples/order.db
 //! cargo run --example order -- orders.db # or in a database file of your choice
+//! cargo run --example order -- postgres://postgres@127.0.0.1/test    # or in PostgreSQL
+//! cargo run --example order -- postgres://postgres@127.0.0.1/test redis://127.0.0.1:6379
 //! ```
 //!
 //! Run it twice: the second run opens the same database, finds the first order
@@ -79,16 +81,30 @@ async fn place_order(ctx: OrchestrationContext, order: Order) -> Result<Receipt,
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let path = std::env::args_os()
-        .nth(1)
-        .map_or_else(|| PathBuf::from(DEFAULT_DATABASE), PathBuf::from);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    println!("database: {}", path.display());
+    // The store: a SQLite file (the default) or a PostgreSQL URL; then, optionally, the
+    // URL of a Redis that carries wake-ups between processes.
+    let mut args = std::env::args().skip(1);
+    let store = args.next().unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+    let builder = if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+        println!("database: PostgreSQL at {store}");
+        Keel::builder().postgres(store)
+    } else {
+        let path = PathBuf::from(store);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        println!("database: {}", path.display());
+        Keel::builder().sqlite(path)
+    };
+    let builder = match args.next() {
+        Some(redis) => {
+            println!("wake-ups: Redis at {redis}");
+            builder.redis(redis)
+        }
+        None => builder,
+    };
 
-    let keel = Keel::builder()
-        .sqlite(&path)
+    let keel = builder
         .activity("reserve", reserve)
         .activity("charge", charge)
         .activity("ship", ship)

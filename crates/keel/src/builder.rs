@@ -26,6 +26,8 @@ enum Store {
     SqliteFile(PathBuf),
     #[cfg(feature = "sqlite")]
     SqliteMemory,
+    #[cfg(feature = "postgres")]
+    Postgres(String),
     Provider(Arc<dyn Provider>),
 }
 
@@ -34,6 +36,9 @@ enum Store {
 #[derive(Debug)]
 pub struct KeelBuilder {
     store: Option<Store>,
+    /// The Redis URL of the wake-up notifier, if any.
+    #[cfg(feature = "redis")]
+    redis: Option<String>,
     registry: Registry,
     /// Registration errors, reported by `start` so that the chain stays fluent.
     errors: Vec<keel_worker::Error>,
@@ -44,6 +49,8 @@ impl KeelBuilder {
     pub(crate) fn new() -> Self {
         Self {
             store: None,
+            #[cfg(feature = "redis")]
+            redis: None,
             registry: Registry::new(),
             errors: Vec::new(),
             options: WorkerOptions::default(),
@@ -63,6 +70,27 @@ impl KeelBuilder {
     #[cfg(feature = "sqlite")]
     pub fn in_memory(mut self) -> Self {
         self.store = Some(Store::SqliteMemory);
+        self
+    }
+
+    /// Keeps state in the PostgreSQL database at `url`
+    /// (`postgres://user@host:port/database`), in the `keel` schema with the default
+    /// pool: any number of worker processes on any number of hosts may share it. For
+    /// other options, open a `keel::postgres::PostgresProvider` and pass it to
+    /// [`provider`](Self::provider).
+    #[cfg(feature = "postgres")]
+    pub fn postgres(mut self, url: impl Into<String>) -> Self {
+        self.store = Some(Store::Postgres(url.into()));
+        self
+    }
+
+    /// Publishes and hears wake-ups through the Redis at `url` (`redis://host:port`), so
+    /// that work enqueued by one process wakes the workers and waiting clients of the
+    /// others at once. An accelerator only: with Redis down, work still flows by the
+    /// store's own wake-ups and polling.
+    #[cfg(feature = "redis")]
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.redis = Some(url.into());
         self
     }
 
@@ -177,7 +205,27 @@ impl KeelBuilder {
             Store::SqliteFile(path) => Arc::new(keel_sqlite::SqliteProvider::open(path).await?),
             #[cfg(feature = "sqlite")]
             Store::SqliteMemory => Arc::new(keel_sqlite::SqliteProvider::in_memory().await?),
+            #[cfg(feature = "postgres")]
+            Store::Postgres(url) => Arc::new(
+                keel_postgres::PostgresProvider::connect(
+                    &url,
+                    keel_postgres::PostgresOptions::default(),
+                )
+                .await?,
+            ),
             Store::Provider(provider) => provider,
+        };
+        #[cfg(feature = "redis")]
+        let provider: Arc<dyn Provider> = match &self.redis {
+            Some(url) => Arc::new(
+                keel_redis::RedisNotifier::connect(
+                    provider,
+                    url,
+                    keel_redis::RedisOptions::default(),
+                )
+                .await?,
+            ),
+            None => provider,
         };
         Ok((provider, Arc::new(self.registry), self.options))
     }

@@ -72,6 +72,10 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// The Redis notifier could not connect.
+    #[cfg(feature = "redis")]
+    #[error(transparent)]
+    Redis(#[from] keel_redis::Error),
 }
 
 impl Error {

@@ -28,6 +28,18 @@ pub mod sqlite {
     pub use keel_sqlite::*;
 }
 
+/// The PostgreSQL provider, for opening it with your own options (pool size, schema).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use keel_postgres::*;
+}
+
+/// The Redis wake-up notifier, for wrapping a provider with your own options.
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use keel_redis::*;
+}
+
 /// What most programs need: `use keel::prelude::*;`.
 pub mod prelude {
     pub use crate::{
