@@ -27,15 +27,15 @@ impl Progress {
         self.overall.set_message(stage);
     }
 
-    /// A bar of `len` items for one phase of a workload, removed when dropped.
-    pub(crate) fn bar(&self, label: &str, len: u64) -> Bar {
-        let bar = self.multi.add(ProgressBar::new(len));
-        bar.set_style(style(
+    /// A meter of `len` items for one phase of a workload, removed when dropped.
+    pub(crate) fn meter(&self, label: &str, len: u64) -> Meter {
+        let meter = self.multi.add(ProgressBar::new(len));
+        meter.set_style(style(
             "  {prefix:>12} [{bar:30}] {pos}/{len} {per_sec} {msg}",
         ));
-        bar.set_prefix(label.to_owned());
-        Bar {
-            bar,
+        meter.set_prefix(label.to_owned());
+        Meter {
+            meter,
             multi: self.multi.clone(),
         }
     }
@@ -58,29 +58,29 @@ impl Progress {
     }
 }
 
-/// One phase's bar.
+/// One phase's meter.
 #[derive(Debug)]
-pub(crate) struct Bar {
-    bar: ProgressBar,
+pub(crate) struct Meter {
+    meter: ProgressBar,
     multi: MultiProgress,
 }
 
-impl Bar {
+impl Meter {
     /// A handle that tasks can advance.
     pub(crate) fn handle(&self) -> ProgressBar {
-        self.bar.clone()
+        self.meter.clone()
     }
 
     /// Advances by `n`.
     pub(crate) fn inc(&self, n: u64) {
-        self.bar.inc(n);
+        self.meter.inc(n);
     }
 }
 
-impl Drop for Bar {
+impl Drop for Meter {
     fn drop(&mut self) {
-        self.bar.finish_and_clear();
-        self.multi.remove(&self.bar);
+        self.meter.finish_and_clear();
+        self.multi.remove(&self.meter);
     }
 }
 

@@ -5,6 +5,7 @@
 //! builds it before anything else on a 2-core machine, so every dependency would
 //! be paid for on every run.
 
+mod bench;
 mod command;
 mod deny;
 mod services;
@@ -25,7 +26,11 @@ usage: cargo xtask <task>
 
 tasks:
   test [-- <cargo args>]  start PostgreSQL and Redis if needed, then run every test and doctest
-  ci                      fmt, clippy, doc, deny, then test: what CI runs (see .ci/run)
+  bench [--quick] [--backend LIST] [--workload LIST] [--runs N]
+                          build the harness in release mode and run it: table on stdout,
+                          JSON and SVG in target/keel-bench/, docs/benchmarks.md after a
+                          full run (`cargo xtask bench --help` for the lists)
+  ci                      fmt, clippy, doc, deny, test, then `bench --quick` as a smoke test
   services                start PostgreSQL and Redis if needed and show their state
 ";
 
@@ -34,6 +39,8 @@ tasks:
 enum Task {
     /// Run the tests, passing the extra arguments on to each `cargo test`.
     Test(Vec<OsString>),
+    /// Run the benchmarks, passing the arguments on to the harness.
+    Bench(Vec<OsString>),
     /// Run every CI step.
     Ci,
     /// Ensure the services and report them.
@@ -67,6 +74,10 @@ fn parse(args: &[OsString]) -> Option<Task> {
         ("test", []) => Some(Task::Test(Vec::new())),
         // The `--` keeps cargo's own flags apart from ours, as `cargo run --` does.
         ("test", [dashes, extra @ ..]) if dashes == "--" => Some(Task::Test(extra.to_vec())),
+        // The harness checks its own arguments; a stray `--` is dropped for
+        // those used to `cargo run -- <args>`.
+        ("bench", [dashes, extra @ ..]) if dashes == "--" => Some(Task::Bench(extra.to_vec())),
+        ("bench", extra) => Some(Task::Bench(extra.to_vec())),
         ("ci", []) => Some(Task::Ci),
         ("services", []) => Some(Task::Services),
         ("help" | "-h" | "--help", []) => Some(Task::Help),
@@ -79,6 +90,7 @@ fn execute(task: Task) -> Result<()> {
     let root = workspace_root()?;
     match task {
         Task::Test(extra) => test(&root, &extra),
+        Task::Bench(args) => bench::bench(&root, &args),
         Task::Ci => ci(&root),
         Task::Services => services::ensure(),
         Task::Help => {
@@ -139,7 +151,12 @@ fn ci(root: &Path) -> Result<()> {
             .env("RUSTDOCFLAGS", "-D warnings"))
     })?;
     step("deny", || deny::check(root))?;
-    step("test", || test(root, &[]))
+    step("test", || test(root, &[]))?;
+    // A smoke test: every workload runs and checks its results, at small sizes. No
+    // thresholds: the machine is shared and noisy, so figures here fail nothing.
+    step("bench --quick", || {
+        bench::bench(root, &[OsString::from("--quick")])
+    })
 }
 
 /// Prints a header for one CI step, runs it, and names the step if it fails.

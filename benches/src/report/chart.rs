@@ -149,7 +149,7 @@ fn grouped(
     let width = 0.8 / bars.len().max(1) as f64;
     for (i, (backend, values)) in bars.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let left = -0.4 + i as f64 * width;
+        let left = (i as f64).mul_add(width, -0.4);
         let rects = values
             .iter()
             .enumerate()

@@ -48,14 +48,14 @@ pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Re
         2 * WINDOW
     );
     let starts: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; steps]));
-    let bar = progress.bar("steps", steps as u64);
+    let meter = progress.meter("steps", steps as u64);
     let in_activity = Arc::clone(&starts);
-    let bar_in_activity = bar.handle();
+    let meter_in_activity = meter.handle();
     let keel = builder(store)
         .activity("step", move |_ctx: ActivityContext, step: u64| {
             let now = Instant::now();
             let starts = Arc::clone(&in_activity);
-            let bar = bar_in_activity.clone();
+            let meter = meter_in_activity.clone();
             async move {
                 let index = usize::try_from(step)
                     .map_err(|error| Failure::new("bench.step", error.to_string()))?;
@@ -63,7 +63,7 @@ pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Re
                 // A redelivered step keeps its first start.
                 if let Some(slot @ None) = starts.get_mut(index) {
                     *slot = Some(now);
-                    bar.inc(1);
+                    meter.inc(1);
                 }
                 Ok::<_, Failure>(step + 1)
             }
@@ -82,7 +82,7 @@ pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Re
     };
     let elapsed = began.elapsed();
     keel.shutdown().await;
-    drop(bar);
+    drop(meter);
     let output = waited?;
     ensure!(
         output == u64::from(sizes.long_history),

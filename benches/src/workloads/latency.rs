@@ -73,7 +73,7 @@ async fn samples(
     sizes: &Sizes,
     progress: &Progress,
 ) -> Result<Outcome> {
-    let bar = progress.bar("samples", (WARMUP + sizes.latency_samples) as u64);
+    let meter = progress.meter("samples", (WARMUP + sizes.latency_samples) as u64);
     let mut latencies = Vec::with_capacity(sizes.latency_samples);
     for i in 0..WARMUP + sizes.latency_samples {
         if i == WARMUP {
@@ -98,7 +98,7 @@ async fn samples(
         if i >= WARMUP {
             latencies.push(millis(took));
         }
-        bar.inc(1);
+        meter.inc(1);
     }
     let total = Percentiles::of(&latencies);
     let to_start = Percentiles::of(&lock(clocks).schedule_to_start);

@@ -46,7 +46,7 @@ pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Re
         .await?;
     let client = keel.client();
     let rounds = WARMUP + u32::try_from(sizes.signal_samples)?;
-    let bar = progress.bar("signals", u64::from(rounds));
+    let meter = progress.meter("signals", u64::from(rounds));
     let measured = async {
         let id = client.start("listener", &rounds).id("listener").await?;
         let mut trips = Vec::with_capacity(sizes.signal_samples);
@@ -66,7 +66,7 @@ pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Re
             if round >= WARMUP {
                 trips.push(millis(arrived - sent));
             }
-            bar.inc(1);
+            meter.inc(1);
         }
         let output: u32 = client.wait(&id, WAIT).await?;
         ensure!(
@@ -76,7 +76,7 @@ pub(super) async fn run(store: &Store, sizes: &Sizes, progress: &Progress) -> Re
         anyhow::Ok(trips)
     }
     .await;
-    drop(bar);
+    drop(meter);
     keel.shutdown().await;
     let trips = Percentiles::of(&measured?);
     let mut outcome = Outcome::default();

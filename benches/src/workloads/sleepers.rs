@@ -85,13 +85,13 @@ async fn measure(
 
     // Setup: every start, then every first turn (its timer committed).
     let began = Instant::now();
-    let bar = progress.bar("starting", u64::from(total));
+    let meter = progress.meter("starting", u64::from(total));
     let next = Arc::new(AtomicU32::new(0));
     let mut starters = JoinSet::new();
     for _ in 0..STARTERS.min(total) {
         let client = client.clone();
         let next = Arc::clone(&next);
-        let bar = bar.handle();
+        let meter = meter.handle();
         starters.spawn(async move {
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
@@ -102,19 +102,19 @@ async fn measure(
                     .start("sleeper", &(index, due))
                     .id(format!("sleeper-{index}"))
                     .await?;
-                bar.inc(1);
+                meter.inc(1);
             }
         });
     }
     while let Some(started) = starters.join_next().await {
         started??;
     }
-    drop(bar);
+    drop(meter);
     let started = began.elapsed();
-    let bar = progress.bar("parking", u64::from(total));
+    let meter = progress.meter("parking", u64::from(total));
     loop {
         let depths = client.provider().queue_depths().await?;
-        bar.handle().set_position(depths.messages_delayed);
+        meter.handle().set_position(depths.messages_delayed);
         if depths.messages_delayed >= u64::from(total) && depths.messages_ready == 0 {
             break;
         }
@@ -128,7 +128,7 @@ async fn measure(
         }
         tokio::time::sleep(LOOK).await;
     }
-    drop(bar);
+    drop(meter);
     let setup = began.elapsed();
     tokio::time::sleep(LOOK).await;
     let parked = sys::memory().context("no /proc/self/status")?;
@@ -137,14 +137,15 @@ async fn measure(
     // workflow's completion.
     tokio::time::sleep_until(due_instant.into()).await;
     let storm_began = Instant::now();
-    let bar = progress.bar("waking", u64::from(total));
+    let meter = progress.meter("waking", u64::from(total));
     let deadline = storm_began + WAIT;
     while woken.count.load(Ordering::Relaxed) < total {
         ensure!(
             Instant::now() < deadline,
             "the wake storm did not drain in {WAIT:?}"
         );
-        bar.handle()
+        meter
+            .handle()
             .set_position(u64::from(woken.count.load(Ordering::Relaxed)));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -157,7 +158,7 @@ async fn measure(
         client.wait::<u32>(&last, WAIT).await?;
     }
     let storm = storm_began.elapsed();
-    drop(bar);
+    drop(meter);
     check_results(client, total).await?;
 
     #[allow(clippy::cast_precision_loss, reason = "a count for display")]

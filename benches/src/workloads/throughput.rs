@@ -124,11 +124,11 @@ async fn steady(
     let began = Instant::now();
     let opens = began + sizes.warmup;
     let closes = opens + sizes.window;
-    let bar = progress.bar("workflows", 0);
+    let meter = progress.meter("workflows", 0);
     let mut lanes = JoinSet::new();
     for lane in 0..sizes.in_flight {
         let client = client.clone();
-        let bar = bar.handle();
+        let meter = meter.handle();
         lanes.spawn(async move {
             // (when it completed, how long it took)
             let mut done = Vec::new();
@@ -149,7 +149,7 @@ async fn steady(
                 );
                 let now = Instant::now();
                 done.push((now, now - started));
-                bar.inc(1);
+                meter.inc(1);
                 seq += 1;
             }
             anyhow::Ok(done)
