@@ -259,17 +259,15 @@ async fn pick(
                 break;
             }
             let name: String = col(row, 1)?;
-            match budgets.get_mut(&name) {
-                Some(Some(budget)) => {
-                    if !budget.take() {
-                        continue;
-                    }
-                    if budget.limits.max_per_second.is_some() {
-                        rated.push(name);
-                    }
+            // A name without limits (or whose limits were removed since the scan)
+            // has nothing to respect.
+            if let Some(Some(budget)) = budgets.get_mut(&name) {
+                if !budget.take() {
+                    continue;
                 }
-                // Limits removed since the scan, or none: nothing to respect.
-                Some(None) | None => {}
+                if budget.limits.max_per_second.is_some() {
+                    rated.push(name);
+                }
             }
             picked.push(col(row, 0)?);
         }
