@@ -134,3 +134,48 @@ async fn schemas_keep_providers_apart_and_reconnecting_keeps_data() {
     again.close().await;
     pb.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_connections_are_unavailable_and_retryable_then_replaced() {
+    let schema = fresh_schema();
+    let _drop = DropSchema(schema.clone());
+    let p = PostgresProvider::connect(&url(), options(&schema))
+        .await
+        .unwrap();
+    p.create_instance(new_instance("a"), OnConflict::Fail)
+        .await
+        .unwrap();
+    let (admin, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // What an administrator's shutdown or a server restart does to the pool.
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("keel:{schema}")],
+        )
+        .await
+        .unwrap();
+    let mut errors = 0;
+    let mut recovered = false;
+    for _ in 0..5 {
+        match p.get_instance(&id("a")).await {
+            Ok(record) => {
+                assert_eq!(record.id, id("a"));
+                recovered = true;
+                break;
+            }
+            Err(err) => {
+                assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+                assert!(err.is_retryable(), "{err}");
+                errors += 1;
+            }
+        }
+    }
+    assert!(
+        recovered,
+        "fresh connections replace the terminated ones ({errors} errors)"
+    );
+    p.close().await;
+}
