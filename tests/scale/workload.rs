@@ -18,6 +18,7 @@ use anyhow::{Context as _, bail};
 use keel::prelude::*;
 use keel::sqlite::{SqliteOptions, SqliteProvider};
 use keel::{Provider, join_all};
+use keel_postgres::{PostgresOptions, PostgresProvider};
 
 /// The orchestration's registered name.
 pub(crate) const ORCHESTRATION: &str = "scale";
@@ -155,6 +156,14 @@ pub(crate) enum Backend {
     /// One SQLite file: several processes can share it; wake-ups across processes come
     /// from polling only.
     Sqlite(PathBuf),
+    /// One schema of a PostgreSQL database: wake-ups across processes come by
+    /// `LISTEN/NOTIFY`.
+    Postgres {
+        /// The database's URL.
+        url: String,
+        /// The schema holding the run's tables.
+        schema: String,
+    },
 }
 
 impl Backend {
@@ -162,6 +171,9 @@ impl Backend {
     pub(crate) fn args(&self) -> Vec<String> {
         match self {
             Self::Sqlite(path) => vec!["sqlite".to_owned(), path.display().to_string()],
+            Self::Postgres { url, schema } => {
+                vec!["postgres".to_owned(), url.clone(), schema.clone()]
+            }
         }
     }
 
@@ -172,7 +184,14 @@ impl Backend {
                 let path = args.next().context("sqlite needs a database path")?;
                 Ok(Self::Sqlite(PathBuf::from(path)))
             }
-            other => bail!("unknown backend {other:?}: expected `sqlite <path>`"),
+            Some("postgres") => {
+                let url = args.next().context("postgres needs a URL")?;
+                let schema = args.next().context("postgres needs a schema")?;
+                Ok(Self::Postgres { url, schema })
+            }
+            other => bail!(
+                "unknown backend {other:?}: expected `sqlite <path>` or `postgres <url> <schema>`"
+            ),
         }
     }
 
@@ -188,14 +207,30 @@ impl Backend {
                     .with_context(|| format!("opening {}", path.display()))?;
                 Ok(Arc::new(provider))
             }
+            Self::Postgres { url, schema } => {
+                // A worker runs at most eight activities, two turn lanes and their
+                // commits at once; six connections keep four processes well inside
+                // the server's limit. Connecting fails fast while it restarts, and the
+                // caller retries.
+                let options = PostgresOptions::new()
+                    .schema(schema)
+                    .pool_size(6)
+                    .connect_timeout(Duration::from_secs(2));
+                let provider = PostgresProvider::connect(url, options)
+                    .await
+                    .with_context(|| format!("connecting to {url}, schema {schema}"))?;
+                Ok(Arc::new(provider))
+            }
         }
     }
 
     /// The longest an idle dispatcher waits before it looks for work again. SQLite
-    /// shared by processes has no wake-ups across them, so it polls often.
+    /// shared by processes has no wake-ups across them, so it polls often; PostgreSQL
+    /// notifies, and the poll only covers a lost notification (or a restart).
     fn poll_interval(&self) -> Duration {
         match self {
             Self::Sqlite(_) => Duration::from_millis(100),
+            Self::Postgres { .. } => Duration::from_millis(500),
         }
     }
 
