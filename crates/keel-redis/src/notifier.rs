@@ -31,7 +31,9 @@ use crate::{publisher, subscriber};
 /// notifier of the same namespace. [`wait_for_work`](Provider::wait_for_work) returns
 /// on the wrapped provider's own wake-ups or on such an announcement;
 /// [`wait_for_ended`](Provider::wait_for_ended) returns `true` on news that an
-/// instance ended.
+/// instance ended. A wake-up that arrives after a fetch began (for `wait_for_ended`:
+/// after a status read began) but before the wait starts still ends the wait at once,
+/// so none falls in the gap between looking and waiting.
 ///
 /// Redis is an accelerator, never needed for correctness: publishing happens in a
 /// background task, so callers neither wait for Redis nor see its errors, and when
