@@ -1,26 +1,24 @@
 //! The ack that commits a turn, atomically.
 //!
 //! Everything a turn writes is encoded and size-checked before it reaches the writer.
-//! On the writer, one turn is one multi-statement round trip: the first statement
-//! claims the instance row (lock held, history within its limit) by marking its lock
-//! token with `-1`, every following statement acts only while that mark is there,
-//! and the last one releases the lock. A stale lock makes the whole list a no-op.
-//! Children and continue-as-new, which need more than a fixed statement list, take a
-//! few more round trips, inside a savepoint of their own.
+//! On the writer, the first statement settles the instance row (status, outcome,
+//! history length) and releases its lock, only while the lock is held and the history
+//! stays within its limit; it returns the execution and where the new events go. A
+//! stale lock makes it match nothing, and then nothing else is written. The turn's
+//! events, work items, cancellations and messages follow, one cached statement per
+//! record. Children and continue-as-new, which write before or after that check, run
+//! inside a savepoint of their own.
 
 use keel_core::{Message, ParentLink, Payload, encode_record};
 use keel_provider::{
     Ack, CustomStatusUpdate, ErrorKind, ProviderError, Result, TurnOutcome, WorkKind,
 };
-use serde_json::{Value, json};
 
-use crate::activity::{PreparedItem, prepare_item};
-use crate::convert::{
-    check_size, col, count, execution, hex, instance_id, int_array, millis, op, u64_bits,
-};
-use crate::error::db;
+use crate::activity::{PreparedItem, insert_item, prepare_item};
+use crate::convert::{check_size, col, count, execution, instance_id, millis, op, u64_bits};
 use crate::instance::{self, PreparedInstance};
 use crate::provider::SqliteProvider;
+use crate::query::{self, execute};
 use crate::writer::{WriteCtx, end_savepoint, savepoint};
 
 /// An ack with every record encoded and its sizes checked, off the writer, in the
@@ -30,19 +28,15 @@ struct PreparedAck {
     instance: String,
     token: i64,
     version: Option<i64>,
-    /// Events appended, a JSON array of hex blobs.
-    events: String,
-    event_count: i64,
-    /// Consumed message ids, a JSON array.
-    consumed: String,
-    /// Work items, a JSON array of `[instance, execution, op, name, queue, priority,
-    /// attempt, hex body]`.
-    activities: String,
-    has_activities: bool,
-    /// Cancelled op ids, a JSON array.
-    cancel: String,
-    /// Outgoing messages, a JSON array of `[to, visible_at or null, hex body]`.
-    messages: String,
+    /// Events appended, encoded.
+    events: Vec<Vec<u8>>,
+    /// Consumed message ids.
+    consumed: Vec<i64>,
+    activities: Vec<PreparedItem>,
+    /// Cancelled op ids.
+    cancel: Vec<i64>,
+    /// Outgoing messages: the recipient, when visible (none: now), the encoded message.
+    messages: Vec<(String, Option<i64>, Vec<u8>)>,
     children: Vec<PreparedInstance>,
     /// 0: unchanged, 1: set to `custom`, 2: cleared.
     custom_mode: i64,
@@ -53,7 +47,6 @@ struct PreparedAck {
     failure: Option<Vec<u8>>,
     continued: Option<Continued>,
 }
-
 /// A continue-as-new: the next execution's input and version, and the encoded
 /// messages it carries.
 #[derive(Debug)]
@@ -72,40 +65,21 @@ fn prepare(ack: Ack, limit: usize) -> Result<PreparedAck> {
     let mut events = Vec::with_capacity(ack.events.len());
     for (i, event) in ack.events.iter().enumerate() {
         let what = || format!("event {i} ({}) of the turn of {id}", event.kind.name());
-        events.push(Value::String(hex(&sized(&what, encode_record(event)?)?)));
+        events.push(sized(&what, encode_record(event)?)?);
     }
     let mut activities = Vec::with_capacity(ack.activities.len());
     for item in &ack.activities {
-        let PreparedItem {
-            instance,
-            execution,
-            op,
-            name,
-            queue,
-            priority,
-            attempt,
-            body,
-        } = prepare_item(item, limit)?;
-        activities.push(json!([
-            instance,
-            execution,
-            op,
-            name,
-            queue,
-            priority,
-            attempt,
-            hex(&body)
-        ]));
+        activities.push(prepare_item(item, limit)?);
     }
     let mut messages = Vec::with_capacity(ack.messages.len());
     for outgoing in &ack.messages {
         let what = || format!("a message from {id} to {}", outgoing.to);
         let body = sized(&what, encode_record(&outgoing.message)?)?;
-        messages.push(json!([
-            outgoing.to.as_str(),
+        messages.push((
+            outgoing.to.as_str().to_owned(),
             outgoing.visible_at.map(millis),
-            hex(&body)
-        ]));
+            body,
+        ));
     }
     let mut children = Vec::with_capacity(ack.children.len());
     for child in ack.children {
@@ -164,13 +138,15 @@ fn prepare(ack: Ack, limit: usize) -> Result<PreparedAck> {
         instance: id.as_str().to_owned(),
         token: u64_bits(ack.lock.token()),
         version: ack.version.map(i64::from),
-        event_count: count(events.len() as u64),
-        events: Value::Array(events).to_string(),
-        consumed: int_array(ack.consumed.iter().map(|m| count(m.0))),
-        has_activities: !activities.is_empty(),
-        activities: Value::Array(activities).to_string(),
-        cancel: int_array(ack.cancel_activities.iter().map(|o| u64_bits(o.get()))),
-        messages: Value::Array(messages).to_string(),
+        events,
+        consumed: ack.consumed.iter().map(|m| count(m.0)).collect(),
+        activities,
+        cancel: ack
+            .cancel_activities
+            .iter()
+            .map(|o| u64_bits(o.get()))
+            .collect(),
+        messages,
         children,
         custom_mode,
         custom,
@@ -200,7 +176,7 @@ pub(crate) async fn ack_turns(p: &SqliteProvider, acks: Vec<Ack>) -> Result<Vec<
     if !prepared.is_empty() {
         let max_history = count(max_history);
         let committed = p
-            .write(move |ctx| Box::pin(ack_all(ctx, prepared, max_history, max_record)))
+            .write(move |ctx| ack_all(ctx, &prepared, max_history, max_record))
             .await?;
         for (i, result) in indexes.into_iter().zip(committed) {
             if let Some(slot) = results.get_mut(i) {
@@ -214,51 +190,23 @@ pub(crate) async fn ack_turns(p: &SqliteProvider, acks: Vec<Ack>) -> Result<Vec<
         .collect())
 }
 
-/// The statements of one turn; see the module's documentation.
-const ACK: &str = "\
-UPDATE instances SET lock_token = -1 \
- WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3 AND history_len + ?4 <= ?5; \
-INSERT INTO history (instance, execution, seq, event) \
- SELECT i.id, i.execution, i.history_len + j.key, unhex(j.value) \
- FROM instances i, json_each(?6) AS j WHERE i.id = ?1 AND i.lock_token = -1; \
-INSERT INTO work_items (instance, execution, op, name, queue, priority, attempt, \
-   visible_at, created_at, body) \
- SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, \
-   j.value ->> 5, j.value ->> 6, ?3, ?3, unhex(j.value ->> 7) \
- FROM json_each(?9) AS j \
- WHERE EXISTS (SELECT 1 FROM instances WHERE id = ?1 AND lock_token = -1) \
- ORDER BY j.key; \
-DELETE FROM work_items WHERE instance = ?1 \
- AND execution = (SELECT execution FROM instances WHERE id = ?1 AND lock_token = -1) \
- AND op IN (SELECT value FROM json_each(?10)) \
- AND (lease_token IS NULL OR visible_at <= ?3); \
-UPDATE work_items SET cancelled = 1 WHERE instance = ?1 \
- AND execution = (SELECT execution FROM instances WHERE id = ?1 AND lock_token = -1) \
- AND op IN (SELECT value FROM json_each(?10)) \
- AND lease_token IS NOT NULL AND visible_at > ?3; \
-INSERT INTO messages (instance, priority, ready, visible_at, enqueued_at, body) \
- SELECT t.id, t.priority, COALESCE(j.value ->> 1, ?3) <= ?3, COALESCE(j.value ->> 1, ?3), \
-   ?3, unhex(j.value ->> 2) \
- FROM json_each(?11) AS j JOIN instances t ON t.id = j.value ->> 0 \
- WHERE EXISTS (SELECT 1 FROM instances WHERE id = ?1 AND lock_token = -1) \
- ORDER BY j.key; \
-DELETE FROM messages WHERE instance = ?1 AND id IN (SELECT value FROM json_each(?7)) \
- AND EXISTS (SELECT 1 FROM instances WHERE id = ?1 AND lock_token = -1); \
+/// Settles the instance row of a turn and releases its lock, while the lock is held
+/// and the history stays within its limit (`:max_history`); returns the execution and
+/// the sequence number of the turn's first event.
+const SETTLE: &str = "\
 UPDATE instances SET \
- status = CASE WHEN ?14 = 'running' \
-   THEN (CASE WHEN status = 'pending' THEN 'running' ELSE status END) ELSE ?14 END, \
- status_reason = CASE WHEN ?14 = 'running' THEN status_reason ELSE NULL END, \
- output = CASE WHEN ?14 = 'running' THEN output ELSE ?15 END, \
- failure = CASE WHEN ?14 = 'running' THEN failure ELSE ?16 END, \
- completed_at = CASE WHEN ?14 = 'running' THEN completed_at ELSE ?3 END, \
- custom_status = CASE ?12 WHEN 0 THEN custom_status WHEN 1 THEN ?13 ELSE NULL END, \
- version = COALESCE(?8, version), history_len = history_len + ?4, \
- lock_token = NULL, locked_until = NULL, acked = 1, updated_at = ?3 \
- WHERE id = ?1 AND lock_token = -1 \
- RETURNING execution";
-
-/// More spare arguments than [`ACK`]'s statements leave parameter slots unused.
-const UNUSED_SLOTS: usize = 64;
+ status = CASE WHEN :status = 'running' \
+   THEN (CASE WHEN status = 'pending' THEN 'running' ELSE status END) ELSE :status END, \
+ status_reason = CASE WHEN :status = 'running' THEN status_reason ELSE NULL END, \
+ output = CASE WHEN :status = 'running' THEN output ELSE :output END, \
+ failure = CASE WHEN :status = 'running' THEN failure ELSE :failure END, \
+ completed_at = CASE WHEN :status = 'running' THEN completed_at ELSE :now END, \
+ custom_status = CASE :custom_mode WHEN 0 THEN custom_status WHEN 1 THEN :custom ELSE NULL END, \
+ version = COALESCE(:version, version), history_len = history_len + :events, \
+ lock_token = NULL, locked_until = NULL, acked = 1, updated_at = :now \
+ WHERE id = :id AND lock_token = :token AND locked_until > :now \
+   AND history_len + :events <= :max_history \
+ RETURNING execution, history_len - :events";
 
 /// Commits the turns in order, one result each.
 ///
@@ -266,24 +214,21 @@ const UNUSED_SLOTS: usize = 64;
 /// it wrote nothing. One that creates children or continues as new writes before or
 /// after its check, so it gets a savepoint and fails alone. A failing statement fails
 /// the whole request, whose savepoint then undoes every turn of it.
-async fn ack_all(
+fn ack_all(
     ctx: &mut WriteCtx,
-    acks: Vec<PreparedAck>,
+    acks: &[PreparedAck],
     max_history: i64,
     max_record: usize,
 ) -> Result<Vec<Result<()>>> {
     let mut results = Vec::with_capacity(acks.len());
-    for ack in &acks {
+    for ack in acks {
         if ack.children.is_empty() && ack.continued.is_none() {
-            results.push(ack_one(ctx, ack, max_history, max_record).await?);
+            results.push(ack_one(ctx, ack, max_history, max_record)?);
             continue;
         }
-        savepoint(ctx).await?;
-        let result = match ack_one(ctx, ack, max_history, max_record).await {
-            Ok(result) => result,
-            Err(error) => Err(error),
-        };
-        end_savepoint(ctx, result.is_ok()).await?;
+        savepoint(ctx)?;
+        let result = ack_one(ctx, ack, max_history, max_record).and_then(|result| result);
+        end_savepoint(ctx, result.is_ok())?;
         results.push(result);
     }
     Ok(results)
@@ -292,7 +237,7 @@ async fn ack_all(
 /// Commits one turn. `Ok(Err(_))`: rejected by its check, having written nothing of
 /// its own (its children, if any, are the caller's savepoint's to undo); `Err(_)`: a
 /// statement failed midway.
-async fn ack_one(
+fn ack_one(
     ctx: &mut WriteCtx,
     ack: &PreparedAck,
     max_history: i64,
@@ -303,113 +248,136 @@ async fn ack_one(
     // Children first, so that the turn's messages to them find them; a rejected ack
     // rolls them back with everything else.
     for child in &ack.children {
-        instance::insert(ctx, child).await?;
+        instance::insert(ctx, child)?;
     }
-    let mut query = sqlx::query(ACK)
-        .bind(id)
-        .bind(ack.token)
-        .bind(now)
-        .bind(ack.event_count)
-        .bind(max_history)
-        .bind(&ack.events)
-        .bind(&ack.consumed)
-        .bind(ack.version)
-        .bind(&ack.activities)
-        .bind(&ack.cancel)
-        .bind(&ack.messages)
-        .bind(ack.custom_mode)
-        .bind(ack.custom.as_deref())
-        .bind(ack.status)
-        .bind(ack.output.as_deref())
-        .bind(ack.failure.as_deref());
-    // sqlx-sqlite binds a multi-statement query's `?NNN` parameters by number, but
-    // counts each statement's unused lower-numbered slots as positional arguments
-    // and stops binding once that count passes the arguments given. Spare NULLs
-    // (more than the statements' unused slots, 44) keep it binding every slot.
-    for _ in 0..UNUSED_SLOTS {
-        query = query.bind(None::<i64>);
+    let event_count = count(ack.events.len() as u64);
+    let settled = query::first(
+        &ctx.conn,
+        SETTLE,
+        rusqlite::named_params! {
+            ":id": id,
+            ":token": ack.token,
+            ":now": now,
+            ":events": event_count,
+            ":max_history": max_history,
+            ":version": ack.version,
+            ":custom_mode": ack.custom_mode,
+            ":custom": ack.custom,
+            ":status": ack.status,
+            ":output": ack.output,
+            ":failure": ack.failure,
+        },
+        |row| Ok((col::<i64>(row, 0)?, col::<i64>(row, 1)?)),
+    )?;
+    let Some((execution, first_seq)) = settled else {
+        return Ok(Err(rejected(ctx, ack, now, max_history)));
+    };
+    let conn = &ctx.conn;
+    for (seq, event) in (first_seq..).zip(&ack.events) {
+        execute(
+            conn,
+            "INSERT INTO history (instance, execution, seq, event) VALUES (?1, ?2, ?3, ?4)",
+            (id, execution, seq, event),
+        )?;
     }
-    let released = query.fetch_optional(&mut ctx.conn).await.map_err(db)?;
-    if released.is_none() {
-        return Ok(Err(rejected(ctx, ack, now, max_history).await));
+    for item in &ack.activities {
+        insert_item(conn, item, now)?;
+    }
+    // A cancelled item that is queued, or whose lease expired, goes; one that runs
+    // under a live lease is marked, for its worker to hear at its next renewal.
+    for &op in &ack.cancel {
+        execute(
+            conn,
+            "DELETE FROM work_items WHERE instance = ?1 AND execution = ?2 AND op = ?3 \
+             AND (lease_token IS NULL OR visible_at <= ?4)",
+            (id, execution, op, now),
+        )?;
+        execute(
+            conn,
+            "UPDATE work_items SET cancelled = 1 WHERE instance = ?1 AND execution = ?2 \
+             AND op = ?3 AND lease_token IS NOT NULL AND visible_at > ?4",
+            (id, execution, op, now),
+        )?;
+    }
+    for (to, visible_at, body) in &ack.messages {
+        instance::insert_message(conn, to, visible_at.unwrap_or(now), now, body)?;
+    }
+    for &message in &ack.consumed {
+        execute(
+            conn,
+            "DELETE FROM messages WHERE id = ?1 AND instance = ?2",
+            (message, id),
+        )?;
     }
     ctx.wake(WorkKind::Orchestrations);
-    if ack.has_activities {
+    if !ack.activities.is_empty() {
         ctx.wake(WorkKind::Activities);
     }
     if let Some(continued) = &ack.continued {
-        continue_as_new(ctx, id, continued, now, max_record).await?;
+        continue_as_new(ctx, id, continued, now, max_record)?;
     }
     Ok(Ok(()))
 }
 
 /// Why an ack matched nothing: its history would pass the limit, or (the usual case)
 /// its lock is no longer held.
-async fn rejected(
-    ctx: &mut WriteCtx,
-    ack: &PreparedAck,
-    now: i64,
-    max_history: i64,
-) -> ProviderError {
-    let held = sqlx::query(
+fn rejected(ctx: &WriteCtx, ack: &PreparedAck, now: i64, max_history: i64) -> ProviderError {
+    let held = query::first(
+        &ctx.conn,
         "SELECT history_len FROM instances WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
-    )
-    .bind(&ack.instance)
-    .bind(ack.token)
-    .bind(now)
-    .fetch_optional(&mut ctx.conn)
-    .await;
+        (&ack.instance, ack.token, now),
+        |row| col::<i64>(row, 0),
+    );
     match held {
-        Ok(Some(row)) => {
-            let len = col::<i64>(&row, 0).unwrap_or(0);
-            ProviderError::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "the history of {} would hold {} events, over the limit of {max_history} \
-                     events",
-                    ack.instance,
-                    len.saturating_add(ack.event_count)
-                ),
-            )
-        }
+        Ok(Some(len)) => ProviderError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "the history of {} would hold {} events, over the limit of {max_history} events",
+                ack.instance,
+                len.saturating_add(count(ack.events.len() as u64))
+            ),
+        ),
         Ok(None) => ProviderError::stale(format!("the lock on instance {}", ack.instance)),
-        Err(error) => db(error),
+        Err(error) => error,
     }
 }
 
 /// Starts the next execution: a fresh history, its start message, then the carried
 /// messages.
-async fn continue_as_new(
-    ctx: &mut WriteCtx,
+fn continue_as_new(
+    ctx: &WriteCtx,
     id: &str,
     continued: &Continued,
     now: i64,
     max_record: usize,
 ) -> Result<()> {
-    let row = sqlx::query(
+    let (next, name, parent) = query::one(
+        &ctx.conn,
         "UPDATE instances SET status = CASE WHEN status IN ('paused', 'suspended') \
          THEN status ELSE 'running' END, execution = execution + 1, input = ?2, version = ?3, \
          output = NULL, failure = NULL, history_len = 0, updated_at = ?4 WHERE id = ?1 \
          RETURNING execution, name, parent_instance, parent_execution, parent_op",
-    )
-    .bind(id)
-    .bind(continued.input.as_bytes())
-    .bind(continued.version.map(i64::from))
-    .bind(now)
-    .fetch_one(&mut ctx.conn)
-    .await
-    .map_err(db)?;
-    let parent = match col::<Option<String>>(&row, 2)? {
-        Some(parent) => Some(ParentLink {
-            instance: instance_id(parent)?,
-            execution: execution(col::<Option<i64>>(&row, 3)?.unwrap_or(0))?,
-            op: op(col::<Option<i64>>(&row, 4)?.unwrap_or(0)),
-        }),
-        None => None,
-    };
+        (
+            id,
+            continued.input.as_bytes(),
+            continued.version.map(i64::from),
+            now,
+        ),
+        |row| {
+            let parent = match col::<Option<String>>(row, 2)? {
+                Some(parent) => Some(ParentLink {
+                    instance: instance_id(parent)?,
+                    execution: execution(col::<Option<i64>>(row, 3)?.unwrap_or(0))?,
+                    op: op(col::<Option<i64>>(row, 4)?.unwrap_or(0)),
+                }),
+                None => None,
+            };
+            Ok((execution(col(row, 0)?)?, col::<String>(row, 1)?, parent))
+        },
+    )?;
     let start = encode_record(&Message::Start {
-        execution: execution(col(&row, 0)?)?,
-        name: col(&row, 1)?,
+        execution: next,
+        name,
         version: continued.version,
         input: continued.input.clone(),
         parent,
@@ -419,9 +387,9 @@ async fn continue_as_new(
         start.len(),
         max_record,
     )?;
-    instance::insert_message(&mut ctx.conn, id, now, now, &start).await?;
+    instance::insert_message(&ctx.conn, id, now, now, &start)?;
     for body in &continued.carried {
-        instance::insert_message(&mut ctx.conn, id, now, now, body).await?;
+        instance::insert_message(&ctx.conn, id, now, now, body)?;
     }
     Ok(())
 }

@@ -8,14 +8,14 @@ use keel_core::{Failure, WorkItem, decode_record, encode_record};
 use keel_provider::{
     ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, ProviderError, Result, WorkKind,
 };
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use rusqlite::{Connection, Row};
 
 use crate::convert::{
-    check_size, col, count, from_bits, int_array, later, millis, record, small, timestamp, u64_bits,
+    check_size, col, count, from_bits, later, millis, record, small, timestamp, u64_bits,
 };
 use crate::dead_letter;
-use crate::error::db;
 use crate::provider::SqliteProvider;
+use crate::query::{self, execute};
 use crate::writer::{WriteCtx, allocate_tokens};
 
 /// The rate limit's window.
@@ -55,27 +55,23 @@ pub(crate) fn prepare_item(item: &WorkItem, limit: usize) -> Result<PreparedItem
 }
 
 /// Enqueues a prepared item, visible at `now`.
-pub(crate) async fn insert_item(
-    conn: &mut SqliteConnection,
-    item: &PreparedItem,
-    now: i64,
-) -> Result<()> {
-    sqlx::query(
+pub(crate) fn insert_item(conn: &Connection, item: &PreparedItem, now: i64) -> Result<()> {
+    execute(
+        conn,
         "INSERT INTO work_items (instance, execution, op, name, queue, priority, attempt, \
          visible_at, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
-    )
-    .bind(&item.instance)
-    .bind(item.execution)
-    .bind(item.op)
-    .bind(&item.name)
-    .bind(&item.queue)
-    .bind(item.priority)
-    .bind(item.attempt)
-    .bind(now)
-    .bind(&item.body)
-    .execute(conn)
-    .await
-    .map_err(db)?;
+        (
+            &item.instance,
+            item.execution,
+            item.op,
+            &item.name,
+            &item.queue,
+            item.priority,
+            item.attempt,
+            now,
+            &item.body,
+        ),
+    )?;
     Ok(())
 }
 
@@ -134,13 +130,13 @@ pub(crate) async fn fetch(
     queues.sort();
     queues.dedup();
     p.inner.wake.fetched(WorkKind::Activities, p.clock_now());
-    p.write(move |ctx| Box::pin(fetch_tx(ctx, queues, max, request.lease_for)))
+    p.write(move |ctx| fetch_tx(ctx, &queues, max, request.lease_for))
         .await
 }
 
-async fn fetch_tx(
+fn fetch_tx(
     ctx: &mut WriteCtx,
-    queues: Vec<String>,
+    queues: &[String],
     max: usize,
     lease_for: Duration,
 ) -> Result<Vec<LeasedWorkItem>> {
@@ -151,12 +147,12 @@ async fn fetch_tx(
     let mut taken = HashSet::new();
     loop {
         let wanted = max.saturating_sub(leased.len());
-        let picked = pick(ctx, &queues, wanted, now, &taken).await?;
+        let picked = pick(ctx, queues, wanted, now, &taken)?;
         if picked.is_empty() {
             return Ok(leased);
         }
         taken.extend(picked.iter().map(|c| c.id));
-        let dead = lease_picked(ctx, picked, now, leased_until, &mut leased).await?;
+        let dead = lease_picked(ctx, picked, now, leased_until, &mut leased)?;
         // Damaged items became dead letters instead: pick again for their places.
         if dead == 0 || leased.len() >= max {
             return Ok(leased);
@@ -166,73 +162,96 @@ async fn fetch_tx(
 
 /// Leases the picked items, appending them to `leased`; an item whose stored bytes
 /// cannot be decoded becomes a dead letter instead. Returns how many did.
-async fn lease_picked(
+fn lease_picked(
     ctx: &mut WriteCtx,
     picked: Vec<Candidate>,
     now: i64,
     leased_until: i64,
     leased: &mut Vec<LeasedWorkItem>,
 ) -> Result<usize> {
-    let first_token = allocate_tokens(ctx, picked.len()).await?;
-    // One statement leases them all (token = first + position); a second records the
-    // lease starts of rate-limited names.
-    let rows = sqlx::query(
-        "UPDATE work_items SET lease_token = ?3 + j.key, visible_at = ?4, \
-           deliveries = deliveries + 1 \
-         FROM json_each(?1) AS j WHERE work_items.id = j.value \
-         RETURNING work_items.id, instance, execution, op, name, attempt, deliveries, body; \
-         INSERT INTO lease_starts (name, started_at) \
-         SELECT w.name, ?2 FROM json_each(?1) AS j JOIN work_items w ON w.id = j.value \
-         JOIN activity_limits l ON l.name = w.name WHERE l.max_per_second IS NOT NULL",
-    )
-    .bind(int_array(picked.iter().map(|c| c.id)))
-    .bind(now)
-    .bind(first_token)
-    .bind(leased_until)
-    .fetch_all(&mut ctx.conn)
-    .await
-    .map_err(db)?;
-    let mut by_id = HashMap::with_capacity(rows.len());
-    for row in rows {
-        by_id.insert(col::<i64>(&row, 0)?, row);
-    }
+    let first_token = allocate_tokens(ctx, picked.len())?;
     let mut dead = 0;
     for (candidate, token) in picked.into_iter().zip(first_token..) {
-        let Some(row) = by_id.remove(&candidate.id) else {
+        let id = candidate.id;
+        // The item as leased, or what a dead letter needs to know of it when its
+        // stored bytes do not decode.
+        let outcome = query::first(
+            &ctx.conn,
+            "UPDATE work_items SET lease_token = ?2, visible_at = ?3, \
+               deliveries = deliveries + 1 WHERE id = ?1 \
+             RETURNING instance, execution, op, name, attempt, deliveries, body",
+            [id, token, leased_until],
+            |row| {
+                let decoded = record(
+                    row,
+                    6,
+                    decode_record::<WorkItem>,
+                    format_args!("work item {id}"),
+                );
+                Ok(match decoded {
+                    Ok(mut item) => {
+                        // The column is the truth: retries update it without re-encoding.
+                        item.attempt = small(col(row, 4)?, "attempt")?;
+                        Ok((item, small(col(row, 5)?, "deliveries")?))
+                    }
+                    Err(error) => Err(Undecodable {
+                        instance: col(row, 0)?,
+                        execution: col(row, 1)?,
+                        op: col(row, 2)?,
+                        name: col(row, 3)?,
+                        attempts: col(row, 4)?,
+                        error,
+                    }),
+                })
+            },
+        )?;
+        // Gone meanwhile: cannot happen inside the transaction that picked it.
+        let Some(outcome) = outcome else {
             continue;
         };
-        let id = candidate.id;
-        let decoded = record(
-            &row,
-            7,
-            decode_record::<WorkItem>,
-            format_args!("work item {id}"),
-        );
-        let item = match decoded {
-            Ok(mut item) => {
-                // The column is the truth: retries update it without re-encoding.
-                item.attempt = small(col(&row, 5)?, "attempt")?;
-                item
+        if candidate
+            .limits
+            .is_some_and(|limits| limits.max_per_second.is_some())
+        {
+            // A lease start of a rate-limited name.
+            execute(
+                &ctx.conn,
+                "INSERT INTO lease_starts (name, started_at) VALUES (?1, ?2)",
+                (&candidate.name, now),
+            )?;
+        }
+        match outcome {
+            Ok((item, deliveries)) => {
+                leased.push(LeasedWorkItem {
+                    lease: LeaseToken::new(from_bits(id), from_bits(token)),
+                    leased_until: timestamp(leased_until),
+                    item,
+                    deliveries,
+                });
             }
-            Err(error) => {
-                dead_letter_corrupt(ctx, &row, id, &error, now).await?;
+            Err(undecodable) => {
+                dead_letter_corrupt(ctx, id, &undecodable, now)?;
                 dead += 1;
-                continue;
             }
-        };
-        leased.push(LeasedWorkItem {
-            lease: LeaseToken::new(from_bits(candidate.id), from_bits(token)),
-            leased_until: timestamp(leased_until),
-            item,
-            deliveries: small(col(&row, 6)?, "deliveries")?,
-        });
+        }
     }
     Ok(dead)
 }
 
+/// A leased work item whose stored bytes do not decode, with what its columns say.
+#[derive(Debug)]
+struct Undecodable {
+    instance: String,
+    execution: i64,
+    op: i64,
+    name: String,
+    attempts: i64,
+    error: ProviderError,
+}
+
 /// Chooses up to `max` visible items of `queues` other than `taken`, highest priority
 /// then oldest across the queues, within their names' limits.
-async fn pick(
+fn pick(
     ctx: &mut WriteCtx,
     queues: &[String],
     max: usize,
@@ -254,7 +273,7 @@ async fn pick(
     while picked.len() < max {
         for scan in &mut scans {
             if scan.buffer.is_empty() && !scan.done {
-                refill(&mut ctx.conn, scan, now, page).await?;
+                refill(&ctx.conn, scan, now, page)?;
             }
         }
         let best = scans
@@ -272,7 +291,7 @@ async fn pick(
         }
         if let Some(limits) = candidate.limits {
             if !budgets.contains_key(&candidate.name) {
-                let budget = load_budget(&mut ctx.conn, &candidate.name, limits, now).await?;
+                let budget = load_budget(&ctx.conn, &candidate.name, limits, now)?;
                 budgets.insert(candidate.name.clone(), budget);
             }
             if let Some(budget) = budgets.get_mut(&candidate.name) {
@@ -290,81 +309,66 @@ async fn pick(
 
 /// Sets aside an item whose stored bytes do not decode: a dead letter with what the
 /// columns know, never handed out.
-async fn dead_letter_corrupt(
-    ctx: &mut WriteCtx,
-    row: &SqliteRow,
-    id: i64,
-    error: &ProviderError,
-    now: i64,
-) -> Result<()> {
+fn dead_letter_corrupt(ctx: &WriteCtx, id: i64, item: &Undecodable, now: i64) -> Result<()> {
+    let error = &item.error;
     tracing::warn!(item = id, %error, "dead-lettering an undecodable work item");
     let failure = Failure::new(Failure::DECODE, error.message()).retryable(false);
     dead_letter::insert(
-        &mut ctx.conn,
+        &ctx.conn,
         &dead_letter::Record {
-            instance: &col::<String>(row, 1)?,
-            execution: col(row, 2)?,
-            op: col(row, 3)?,
-            name: &col::<String>(row, 4)?,
-            attempts: col(row, 5)?,
-            failure: &failure,
+            instance: &item.instance,
+            execution: item.execution,
+            op: item.op,
+            name: &item.name,
+            attempts: item.attempts,
+            failure: &encode_record(&failure)?,
             item: None,
         },
         now,
-    )
-    .await?;
-    sqlx::query("DELETE FROM work_items WHERE id = ?1")
-        .bind(id)
-        .execute(&mut ctx.conn)
-        .await
-        .map_err(db)?;
+    )?;
+    execute(&ctx.conn, "DELETE FROM work_items WHERE id = ?1", [id])?;
     Ok(())
 }
 
 /// Reads the next page of `scan`'s queue, with each item's limits. Cancelled items
 /// whose lease ran out will never be completed: they are dropped on the way.
-async fn refill(
-    conn: &mut SqliteConnection,
-    scan: &mut QueueScan,
-    now: i64,
-    page: i64,
-) -> Result<()> {
-    let rows = sqlx::query(
-        "DELETE FROM work_items WHERE cancelled = 1 AND visible_at <= ?1; \
-         SELECT w.id, w.name, w.priority, l.name IS NOT NULL, l.max_concurrent, \
+fn refill(conn: &Connection, scan: &mut QueueScan, now: i64, page: i64) -> Result<()> {
+    execute(
+        conn,
+        "DELETE FROM work_items WHERE cancelled = 1 AND visible_at <= ?1",
+        [now],
+    )?;
+    let limit = |v: Option<i64>| v.map(|v| small(v, "an activity limit")).transpose();
+    let candidates = query::all(
+        conn,
+        "SELECT w.id, w.name, w.priority, l.name IS NOT NULL, l.max_concurrent, \
            l.max_per_second \
          FROM work_items w LEFT JOIN activity_limits l ON l.name = w.name \
          WHERE w.queue = ?2 AND w.cancelled = 0 AND w.visible_at <= ?1 \
            AND (w.priority < ?3 OR (w.priority = ?3 AND w.id > ?4)) \
          ORDER BY w.priority DESC, w.id LIMIT ?5",
-    )
-    .bind(now)
-    .bind(&scan.queue)
-    .bind(scan.after.0)
-    .bind(scan.after.1)
-    .bind(page)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
-    if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page {
+        rusqlite::params![now, scan.queue, scan.after.0, scan.after.1, page],
+        |row: &Row<'_>| {
+            let limits = if col::<bool>(row, 3)? {
+                Some(ActivityLimits {
+                    max_concurrent: limit(col(row, 4)?)?,
+                    max_per_second: limit(col(row, 5)?)?,
+                })
+            } else {
+                None
+            };
+            Ok(Candidate {
+                id: col(row, 0)?,
+                name: col(row, 1)?,
+                priority: col(row, 2)?,
+                limits,
+            })
+        },
+    )?;
+    if i64::try_from(candidates.len()).unwrap_or(i64::MAX) < page {
         scan.done = true;
     }
-    let limit = |v: Option<i64>| v.map(|v| small(v, "an activity limit")).transpose();
-    for row in &rows {
-        let limits = if col::<bool>(row, 3)? {
-            Some(ActivityLimits {
-                max_concurrent: limit(col(row, 4)?)?,
-                max_per_second: limit(col(row, 5)?)?,
-            })
-        } else {
-            None
-        };
-        let candidate = Candidate {
-            id: col(row, 0)?,
-            name: col(row, 1)?,
-            priority: col(row, 2)?,
-            limits,
-        };
+    for candidate in candidates {
         scan.after = (candidate.priority, candidate.id);
         scan.buffer.push_back(candidate);
     }
@@ -373,8 +377,8 @@ async fn refill(
 
 /// How much of `name`'s limits is in use now: unexpired leases, and leases started
 /// within the last second (forgetting older starts).
-async fn load_budget(
-    conn: &mut SqliteConnection,
+fn load_budget(
+    conn: &Connection,
     name: &str,
     limits: ActivityLimits,
     now: i64,
@@ -385,33 +389,27 @@ async fn load_budget(
         recent: 0,
     };
     if limits.max_concurrent.is_some() {
-        let row = sqlx::query(
+        budget.running = query::one(
+            conn,
             "SELECT COUNT(*) FROM work_items \
              WHERE name = ?1 AND lease_token IS NOT NULL AND visible_at > ?2",
-        )
-        .bind(name)
-        .bind(now)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-        budget.running = small(col(&row, 0)?, "a count")?;
+            (name, now),
+            |row| small(col(row, 0)?, "a count"),
+        )?;
     }
     if limits.max_per_second.is_some() {
         let since = now.saturating_sub(WINDOW_MILLIS);
-        sqlx::query("DELETE FROM lease_starts WHERE name = ?1 AND started_at <= ?2")
-            .bind(name)
-            .bind(since)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-        let row =
-            sqlx::query("SELECT COUNT(*) FROM lease_starts WHERE name = ?1 AND started_at > ?2")
-                .bind(name)
-                .bind(since)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(db)?;
-        budget.recent = small(col(&row, 0)?, "a count")?;
+        execute(
+            conn,
+            "DELETE FROM lease_starts WHERE name = ?1 AND started_at <= ?2",
+            (name, since),
+        )?;
+        budget.recent = query::one(
+            conn,
+            "SELECT COUNT(*) FROM lease_starts WHERE name = ?1 AND started_at > ?2",
+            (name, since),
+            |row| small(col(row, 0)?, "a count"),
+        )?;
     }
     Ok(budget)
 }
@@ -423,31 +421,29 @@ pub(crate) async fn set_limits(
 ) -> Result<()> {
     let name = name.to_owned();
     p.write(move |ctx| {
-        Box::pin(async move {
-            if limits.max_concurrent.is_none() && limits.max_per_second.is_none() {
-                sqlx::query("DELETE FROM activity_limits WHERE name = ?1")
-                    .bind(&name)
-                    .execute(&mut ctx.conn)
-                    .await
-                    .map_err(db)?;
-            } else {
-                sqlx::query(
-                    "INSERT INTO activity_limits (name, max_concurrent, max_per_second) \
-                     VALUES (?1, ?2, ?3) ON CONFLICT (name) DO UPDATE SET \
-                     max_concurrent = excluded.max_concurrent, \
-                     max_per_second = excluded.max_per_second",
-                )
-                .bind(&name)
-                .bind(limits.max_concurrent.map(i64::from))
-                .bind(limits.max_per_second.map(i64::from))
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(db)?;
-            }
-            // Looser limits may make waiting items claimable.
-            ctx.wake(WorkKind::Activities);
-            Ok(())
-        })
+        if limits.max_concurrent.is_none() && limits.max_per_second.is_none() {
+            execute(
+                &ctx.conn,
+                "DELETE FROM activity_limits WHERE name = ?1",
+                [&name],
+            )?;
+        } else {
+            execute(
+                &ctx.conn,
+                "INSERT INTO activity_limits (name, max_concurrent, max_per_second) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT (name) DO UPDATE SET \
+                 max_concurrent = excluded.max_concurrent, \
+                 max_per_second = excluded.max_per_second",
+                (
+                    &name,
+                    limits.max_concurrent.map(i64::from),
+                    limits.max_per_second.map(i64::from),
+                ),
+            )?;
+        }
+        // Looser limits may make waiting items claimable.
+        ctx.wake(WorkKind::Activities);
+        Ok(())
     })
     .await
 }

@@ -8,8 +8,8 @@ use keel_core::{
     RecordError, Timestamp, decode_record,
 };
 use keel_provider::{InstanceRecord, ProviderError, Result};
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use rusqlite::Row;
+use rusqlite::types::FromSql;
 
 use crate::error::{corrupt, db, undecodable};
 
@@ -82,23 +82,27 @@ pub(crate) fn status(name: &str) -> Result<InstanceStatus> {
 }
 
 /// Reads column `index` of `row`.
-pub(crate) fn col<'r, T>(row: &'r SqliteRow, index: usize) -> Result<T>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get(index).map_err(db)
+pub(crate) fn col<T: FromSql>(row: &Row<'_>, index: usize) -> Result<T> {
+    row.get(index).map_err(db)
 }
 
 /// Decodes the record in column `index` of `row` with `decode`; an error names it as
 /// `what`, whether its bytes are damaged or the column holds no blob at all.
 pub(crate) fn record<T>(
-    row: &SqliteRow,
+    row: &Row<'_>,
     index: usize,
     decode: impl FnOnce(&[u8]) -> Result<T, RecordError>,
     what: impl std::fmt::Display,
 ) -> Result<T> {
-    col::<Vec<u8>>(row, index)
-        .and_then(|bytes| Ok(decode(&bytes)?))
+    // Borrowed from the row: the bytes are decoded where SQLite holds them.
+    row.get_ref(index)
+        .map_err(db)
+        .and_then(|value| {
+            value
+                .as_blob()
+                .map_err(|e| corrupt(format!("column {index}: {e}")))
+        })
+        .and_then(|bytes| Ok(decode(bytes)?))
         .map_err(|error| undecodable(what, error))
 }
 
@@ -114,7 +118,7 @@ macro_rules! instance_columns {
 pub(crate) use instance_columns;
 
 /// An instance from a row of [`instance_columns!`].
-pub(crate) fn instance_record(row: &SqliteRow) -> Result<InstanceRecord> {
+pub(crate) fn instance_record(row: &Row<'_>) -> Result<InstanceRecord> {
     let parent = match col::<Option<String>>(row, 13)? {
         Some(parent) => Some(ParentLink {
             instance: instance_id(parent)?,
@@ -170,41 +174,4 @@ pub(crate) fn check_size(what: impl FnOnce() -> String, size: usize, limit: usiz
         return Err(ProviderError::too_large(what(), size, limit));
     }
     Ok(())
-}
-
-/// Bytes as lowercase hex, for passing several blobs in one JSON parameter (SQLite
-/// turns them back with `unhex`).
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    out
-}
-
-/// A JSON array of integers, for `json_each` parameters.
-pub(crate) fn int_array(values: impl IntoIterator<Item = i64>) -> String {
-    let mut out = String::from("[");
-    for (i, value) in values.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&value.to_string());
-    }
-    out.push(']');
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_and_int_arrays() {
-        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
-        assert_eq!(int_array([1, -2, 3]), "[1,-2,3]");
-        assert_eq!(int_array([]), "[]");
-    }
 }

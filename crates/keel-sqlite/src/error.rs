@@ -17,26 +17,18 @@ const SQLITE_NOTADB: i32 = 26;
 /// Maps a driver error: busy, locked and I/O failures are `Unavailable` (retryable),
 /// damaged files and undecodable columns `Corrupt`, anything else `Internal`; the
 /// driver's error is attached as the source.
-pub(crate) fn db(error: sqlx::Error) -> ProviderError {
+pub(crate) fn db(error: rusqlite::Error) -> ProviderError {
     let kind = match &error {
-        sqlx::Error::Database(e) => {
-            let code = e
-                .code()
-                .and_then(|code| code.parse::<i32>().ok())
-                .unwrap_or(0);
-            // Extended result codes keep the primary code in the low byte.
-            match code & 0xff {
-                SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_IOERR | SQLITE_FULL
-                | SQLITE_CANTOPEN | SQLITE_PROTOCOL => ErrorKind::Unavailable,
-                SQLITE_CORRUPT | SQLITE_NOTADB => ErrorKind::Corrupt,
-                _ => ErrorKind::Internal,
-            }
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => ErrorKind::Unavailable,
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => ErrorKind::Corrupt,
+        // Extended result codes keep the primary code in the low byte.
+        rusqlite::Error::SqliteFailure(e, _) => match e.extended_code & 0xff {
+            SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_IOERR | SQLITE_FULL
+            | SQLITE_CANTOPEN | SQLITE_PROTOCOL => ErrorKind::Unavailable,
+            SQLITE_CORRUPT | SQLITE_NOTADB => ErrorKind::Corrupt,
+            _ => ErrorKind::Internal,
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..) => ErrorKind::Corrupt,
         _ => ErrorKind::Internal,
     };
     ProviderError::new(kind, format!("SQLite: {error}")).with_source(error)
@@ -63,7 +55,7 @@ pub(crate) fn undecodable(what: impl std::fmt::Display, error: ProviderError) ->
     .with_source(error)
 }
 
-/// The writer task is gone: the provider was closed (or its runtime shut down).
+/// The writer thread or the readers are gone: the provider was closed.
 pub(crate) fn closed() -> ProviderError {
     ProviderError::new(ErrorKind::Unavailable, "the SQLite provider is closed").retryable(false)
 }
@@ -73,12 +65,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pool_and_io_failures_are_retryable() {
-        let err = db(sqlx::Error::PoolTimedOut);
-        assert_eq!(err.kind(), ErrorKind::Unavailable);
-        assert!(err.is_retryable());
-        assert!(std::error::Error::source(&err).is_some());
-        let err = db(sqlx::Error::RowNotFound);
+    fn busy_and_io_failures_are_retryable() {
+        use rusqlite::ffi;
+        for code in [
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_LOCKED_SHAREDCACHE,
+        ] {
+            let err = db(rusqlite::Error::SqliteFailure(ffi::Error::new(code), None));
+            assert_eq!(err.kind(), ErrorKind::Unavailable, "{code}");
+            assert!(err.is_retryable());
+            assert!(std::error::Error::source(&err).is_some());
+        }
+        let err = db(rusqlite::Error::SqliteFailure(
+            ffi::Error::new(ffi::SQLITE_CORRUPT),
+            None,
+        ));
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        let err = db(rusqlite::Error::QueryReturnedNoRows);
         assert_eq!(err.kind(), ErrorKind::Internal);
         assert!(!err.is_retryable());
     }

@@ -8,9 +8,11 @@ use keel_provider::{
     ActivityCompletion, ActivityRetry, ErrorKind, LeaseToken, ProviderError, Result, WorkKind,
 };
 
-use crate::convert::{check_size, col, execution, int_array, later, millis, op, u64_bits};
-use crate::error::db;
+use crate::convert::{check_size, col, execution, later, millis, op, u64_bits};
+use crate::dead_letter;
+use crate::instance::insert_message;
 use crate::provider::SqliteProvider;
+use crate::query::{self, execute};
 use crate::writer::WriteCtx;
 
 fn stale(lease: &LeaseToken) -> ProviderError {
@@ -26,56 +28,51 @@ enum Held {
 }
 
 /// Checks `lease`: `Stale` unless its token matches and has not expired.
-async fn check_lease(ctx: &mut WriteCtx, lease: &LeaseToken, now: i64) -> Result<Held> {
-    let row = sqlx::query(
+fn check_lease(ctx: &WriteCtx, lease: &LeaseToken, now: i64) -> Result<Held> {
+    let (cancelled, visible_at) = query::first(
+        &ctx.conn,
         "SELECT cancelled, visible_at FROM work_items WHERE id = ?1 AND lease_token = ?2",
-    )
-    .bind(u64_bits(lease.item()))
-    .bind(u64_bits(lease.token()))
-    .fetch_optional(&mut ctx.conn)
-    .await
-    .map_err(db)?
+        [u64_bits(lease.item()), u64_bits(lease.token())],
+        |row| Ok((col::<i64>(row, 0)?, col::<i64>(row, 1)?)),
+    )?
     .ok_or_else(|| stale(lease))?;
-    if col::<i64>(&row, 0)? != 0 {
+    if cancelled != 0 {
         return Ok(Held::Cancelled);
     }
-    if col::<i64>(&row, 1)? <= now {
+    if visible_at <= now {
         return Err(stale(lease));
     }
     Ok(Held::Yes)
 }
 
-async fn delete_item(ctx: &mut WriteCtx, lease: &LeaseToken) -> Result<()> {
-    sqlx::query("DELETE FROM work_items WHERE id = ?1")
-        .bind(u64_bits(lease.item()))
-        .execute(&mut ctx.conn)
-        .await
-        .map_err(db)?;
+fn delete_item(ctx: &WriteCtx, lease: &LeaseToken) -> Result<()> {
+    execute(
+        &ctx.conn,
+        "DELETE FROM work_items WHERE id = ?1",
+        [u64_bits(lease.item())],
+    )?;
     Ok(())
 }
 
 pub(crate) async fn renew(p: &SqliteProvider, lease: &LeaseToken, extend: Duration) -> Result<()> {
     let lease = lease.clone();
     p.write(move |ctx| {
-        Box::pin(async move {
-            let now_ts = ctx.now();
-            if let Held::Cancelled = check_lease(ctx, &lease, millis(now_ts)).await? {
-                return Err(ProviderError::new(
-                    ErrorKind::Cancelled,
-                    format!(
-                        "work item {} was cancelled by its orchestration",
-                        lease.item()
-                    ),
-                ));
-            }
-            sqlx::query("UPDATE work_items SET visible_at = ?2 WHERE id = ?1")
-                .bind(u64_bits(lease.item()))
-                .bind(later(now_ts, extend))
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(db)?;
-            Ok(())
-        })
+        let now_ts = ctx.now();
+        if let Held::Cancelled = check_lease(ctx, &lease, millis(now_ts))? {
+            return Err(ProviderError::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "work item {} was cancelled by its orchestration",
+                    lease.item()
+                ),
+            ));
+        }
+        execute(
+            &ctx.conn,
+            "UPDATE work_items SET visible_at = ?2 WHERE id = ?1",
+            [u64_bits(lease.item()), later(now_ts, extend)],
+        )?;
+        Ok(())
     })
     .await
 }
@@ -100,28 +97,33 @@ pub(crate) async fn complete(
     let limit = p.inner.capabilities.max_record_bytes;
     // An item's instance, execution and op never change: read them from a reader, so
     // that the outcome messages are encoded off the writer.
-    let rows = sqlx::query(
-        "SELECT w.id, w.instance, w.execution, w.op \
-         FROM json_each(?1) AS j JOIN work_items w ON w.id = j.value",
-    )
-    .bind(int_array(
-        completions.iter().map(|c| u64_bits(c.lease.item())),
-    ))
-    .fetch_all(p.readers())
-    .await
-    .map_err(db)?;
-    let mut items = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let id: i64 = col(row, 0)?;
-        items.insert(
-            id,
-            (
-                col::<String>(row, 1)?,
-                col::<i64>(row, 2)?,
-                col::<i64>(row, 3)?,
-            ),
-        );
-    }
+    let ids: Vec<i64> = completions
+        .iter()
+        .map(|c| u64_bits(c.lease.item()))
+        .collect();
+    let items = p
+        .read(move |conn| {
+            let mut items = HashMap::with_capacity(ids.len());
+            for id in ids {
+                let found = query::first(
+                    conn,
+                    "SELECT instance, execution, op FROM work_items WHERE id = ?1",
+                    [id],
+                    |row| {
+                        Ok((
+                            col::<String>(row, 0)?,
+                            col::<i64>(row, 1)?,
+                            col::<i64>(row, 2)?,
+                        ))
+                    },
+                )?;
+                if let Some(item) = found {
+                    items.insert(id, item);
+                }
+            }
+            Ok(items)
+        })
+        .await?;
     let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(completions.len());
     let mut indexes = Vec::new();
     let mut prepared = Vec::new();
@@ -139,13 +141,11 @@ pub(crate) async fn complete(
     if !prepared.is_empty() {
         let committed = p
             .write(move |ctx| {
-                Box::pin(async move {
-                    let mut results = Vec::with_capacity(prepared.len());
-                    for completion in prepared {
-                        results.push(complete_one(ctx, completion).await?);
-                    }
-                    Ok(results)
-                })
+                let mut results = Vec::with_capacity(prepared.len());
+                for completion in prepared {
+                    results.push(complete_one(ctx, completion)?);
+                }
+                Ok(results)
             })
             .await?;
         for (i, result) in indexes.into_iter().zip(committed) {
@@ -193,39 +193,60 @@ fn prepare(
     })
 }
 
-/// Completes one leased item in one round trip: enqueues the outcome (and the dead
-/// letter of a failure) while the lease is held and the item not cancelled, then
-/// deletes the item if the lease is held or it was cancelled. No row back means the
-/// lease is stale, and then nothing matched at all.
-const COMPLETE: &str = "\
-INSERT INTO messages (instance, priority, ready, visible_at, enqueued_at, body) \
- SELECT w.instance, i.priority, 1, ?3, ?3, ?4 \
- FROM work_items w JOIN instances i ON i.id = w.instance \
- WHERE w.id = ?1 AND w.lease_token = ?2 AND w.visible_at > ?3 AND w.cancelled = 0; \
-INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, item, recorded_at) \
- SELECT instance, execution, op, name, attempt, ?5, body, ?3 FROM work_items \
- WHERE ?5 IS NOT NULL AND id = ?1 AND lease_token = ?2 AND visible_at > ?3 \
-   AND cancelled = 0; \
-DELETE FROM work_items \
- WHERE id = ?1 AND lease_token = ?2 AND (visible_at > ?3 OR cancelled = 1) \
- RETURNING cancelled";
-
 /// Completes one item. A stale lease is `Ok(Err(_))` and wrote nothing, so no
 /// savepoint is needed; `Err(_)` is a failed statement, which fails the request. An
 /// item cancelled while it ran is deleted and its outcome dropped.
-async fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<Result<()>> {
+///
+/// The item is deleted first if the lease is held (the token matches and has not
+/// expired) or the item was cancelled; nothing deleted means the lease is stale. A
+/// held, uncancelled item then enqueues its outcome, and a failure becomes a dead
+/// letter with the item's stored bytes.
+fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<Result<()>> {
     let now = millis(ctx.now());
-    let deleted = sqlx::query(COMPLETE)
-        .bind(u64_bits(completion.lease.item()))
-        .bind(u64_bits(completion.lease.token()))
-        .bind(now)
-        .bind(&completion.message)
-        .bind(completion.failure.as_deref())
-        .fetch_optional(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-    if deleted.is_none() {
+    let deleted = query::first(
+        &ctx.conn,
+        "DELETE FROM work_items \
+         WHERE id = ?1 AND lease_token = ?2 AND (visible_at > ?3 OR cancelled = 1) \
+         RETURNING cancelled, instance, execution, op, name, attempt, body",
+        [
+            u64_bits(completion.lease.item()),
+            u64_bits(completion.lease.token()),
+            now,
+        ],
+        |row| {
+            if col::<i64>(row, 0)? != 0 {
+                return Ok(None);
+            }
+            Ok(Some((
+                col::<String>(row, 1)?,
+                col::<i64>(row, 2)?,
+                col::<i64>(row, 3)?,
+                col::<String>(row, 4)?,
+                col::<i64>(row, 5)?,
+                col::<Vec<u8>>(row, 6)?,
+            )))
+        },
+    )?;
+    let Some(deleted) = deleted else {
         return Ok(Err(stale(&completion.lease)));
+    };
+    if let Some((instance, execution, op, name, attempts, body)) = deleted {
+        insert_message(&ctx.conn, &instance, now, now, &completion.message)?;
+        if let Some(failure) = &completion.failure {
+            dead_letter::insert(
+                &ctx.conn,
+                &dead_letter::Record {
+                    instance: &instance,
+                    execution,
+                    op,
+                    name: &name,
+                    attempts,
+                    failure,
+                    item: Some(&body),
+                },
+                now,
+            )?;
+        }
     }
     ctx.wake(WorkKind::Orchestrations);
     Ok(Ok(()))
@@ -241,24 +262,22 @@ async fn release(
 ) -> Result<()> {
     let lease = lease.clone();
     p.write(move |ctx| {
-        Box::pin(async move {
-            let now_ts = ctx.now();
-            if let Held::Cancelled = check_lease(ctx, &lease, millis(now_ts)).await? {
-                return delete_item(ctx, &lease).await;
-            }
-            sqlx::query(
-                "UPDATE work_items SET lease_token = NULL, visible_at = ?2, \
-                 attempt = COALESCE(?3, attempt) WHERE id = ?1",
-            )
-            .bind(u64_bits(lease.item()))
-            .bind(later(now_ts, delay))
-            .bind(attempt.map(i64::from))
-            .execute(&mut ctx.conn)
-            .await
-            .map_err(db)?;
-            ctx.wake(WorkKind::Activities);
-            Ok(())
-        })
+        let now_ts = ctx.now();
+        if let Held::Cancelled = check_lease(ctx, &lease, millis(now_ts))? {
+            return delete_item(ctx, &lease);
+        }
+        execute(
+            &ctx.conn,
+            "UPDATE work_items SET lease_token = NULL, visible_at = ?2, \
+             attempt = COALESCE(?3, attempt) WHERE id = ?1",
+            (
+                u64_bits(lease.item()),
+                later(now_ts, delay),
+                attempt.map(i64::from),
+            ),
+        )?;
+        ctx.wake(WorkKind::Activities);
+        Ok(())
     })
     .await
 }

@@ -11,6 +11,8 @@ mod migrations;
 mod options;
 mod orchestration;
 mod provider;
+mod query;
+mod reader;
 mod wake;
 mod writer;
 

@@ -4,8 +4,7 @@
 //! ones in order, each in its own transaction, and refuses a database written by a
 //! newer build. Never edit a released migration: add the next number.
 
-use sqlx::sqlite::SqliteConnection;
-use sqlx::{Executor, Row};
+use rusqlite::Connection;
 
 use keel_provider::{ErrorKind, ProviderError, Result};
 
@@ -160,20 +159,19 @@ CREATE INDEX dead_letters_by_instance ON dead_letters (instance);
 /// Applies the migrations `conn`'s database lacks. Safe to run on every open, from
 /// several processes at once: each step runs under SQLite's write lock and re-checks
 /// the version inside it.
-pub(crate) async fn apply(conn: &mut SqliteConnection, now_millis: i64) -> Result<()> {
-    conn.execute(
+pub(crate) fn apply(conn: &Connection, now_millis: i64) -> Result<()> {
+    conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS keel_schema_version (
             version INTEGER PRIMARY KEY NOT NULL,
             applied_at INTEGER NOT NULL
         )",
     )
-    .await
     .map_err(db)?;
     let newest = MIGRATIONS.last().map_or(0, |(version, _)| *version);
     for &(version, sql) in MIGRATIONS {
-        conn.execute("BEGIN IMMEDIATE").await.map_err(db)?;
-        let step = async {
-            let current = current_version(conn).await?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+        let step = || -> Result<()> {
+            let current = current_version(conn)?;
             if current > newest {
                 return Err(ProviderError::new(
                     ErrorKind::InvalidInput,
@@ -184,27 +182,21 @@ pub(crate) async fn apply(conn: &mut SqliteConnection, now_millis: i64) -> Resul
                 ));
             }
             if current < version {
-                sqlx::raw_sql(sql).execute(&mut *conn).await.map_err(db)?;
-                sqlx::query(
+                conn.execute_batch(sql).map_err(db)?;
+                conn.execute(
                     "INSERT INTO keel_schema_version (version, applied_at) VALUES (?1, ?2)",
+                    [version, now_millis],
                 )
-                .bind(version)
-                .bind(now_millis)
-                .execute(&mut *conn)
-                .await
                 .map_err(db)?;
             }
             Ok(())
-        }
-        .await;
-        match step {
-            Ok(()) => {
-                conn.execute("COMMIT").await.map_err(db)?;
-            }
+        };
+        match step() {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(db)?,
             Err(error) => {
                 // The step's error is the one worth reporting; a failed rollback leaves
                 // the connection unusable anyway, and it is dropped with the open.
-                let _ = conn.execute("ROLLBACK").await;
+                let _ = conn.execute_batch("ROLLBACK");
                 return Err(error);
             }
         }
@@ -213,10 +205,11 @@ pub(crate) async fn apply(conn: &mut SqliteConnection, now_millis: i64) -> Resul
 }
 
 /// The newest migration applied, 0 for a new database.
-pub(crate) async fn current_version(conn: &mut SqliteConnection) -> Result<i64> {
-    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM keel_schema_version")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    row.try_get::<i64, _>(0).map_err(db)
+pub(crate) fn current_version(conn: &Connection) -> Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM keel_schema_version",
+        [],
+        |row| row.get(0),
+    )
+    .map_err(db)
 }

@@ -20,10 +20,11 @@ pub enum Synchronous {
 }
 
 impl Synchronous {
-    pub(crate) fn to_sqlx(self) -> sqlx::sqlite::SqliteSynchronous {
+    /// The value of `PRAGMA synchronous`.
+    pub(crate) fn pragma(self) -> &'static str {
         match self {
-            Self::Full => sqlx::sqlite::SqliteSynchronous::Full,
-            Self::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
         }
     }
 }

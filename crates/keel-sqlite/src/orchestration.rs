@@ -11,11 +11,11 @@ use keel_provider::{
 };
 
 use crate::convert::{
-    col, count, execution, from_bits, instance_id, int_array, later, millis, record, small, status,
-    timestamp, u64_bits, uncount,
+    col, count, execution, from_bits, instance_id, later, millis, record, small, status, timestamp,
+    u64_bits, uncount,
 };
-use crate::error::db;
 use crate::provider::SqliteProvider;
+use crate::query::{self, execute};
 use crate::writer::{WriteCtx, allocate_tokens};
 
 pub(crate) async fn fetch(
@@ -31,7 +31,7 @@ pub(crate) async fn fetch(
     p.inner
         .wake
         .fetched(WorkKind::Orchestrations, p.clock_now());
-    p.write(move |ctx| Box::pin(fetch_tx(ctx, max, request.lock_for, request.with_history)))
+    p.write(move |ctx| fetch_tx(ctx, max, request.lock_for, request.with_history))
         .await
 }
 
@@ -56,7 +56,7 @@ struct Loaded {
     corrupt: Option<ProviderError>,
 }
 
-async fn fetch_tx(
+fn fetch_tx(
     ctx: &mut WriteCtx,
     max: usize,
     lock_for: Duration,
@@ -64,24 +64,19 @@ async fn fetch_tx(
 ) -> Result<Vec<OrchestrationWork>> {
     let now_ts = ctx.now();
     let now = millis(now_ts);
-    let good = claimable(ctx, max, now, with_history).await?;
+    let good = claimable(ctx, max, now, with_history)?;
     if good.is_empty() {
         return Ok(Vec::new());
     }
-    let first_token = allocate_tokens(ctx, good.len()).await?;
+    let first_token = allocate_tokens(ctx, good.len())?;
     let locked_until = later(now_ts, lock_for);
-    sqlx::query(
-        "UPDATE instances SET lock_token = ?2 + j.key, locked_until = ?3 \
-         FROM json_each(?1) AS j WHERE instances.seq = j.value",
-    )
-    .bind(int_array(good.iter().map(|(c, _)| c.seq)))
-    .bind(first_token)
-    .bind(locked_until)
-    .execute(&mut ctx.conn)
-    .await
-    .map_err(db)?;
     let mut work = Vec::with_capacity(good.len());
     for ((candidate, entry), token) in good.into_iter().zip(first_token..) {
+        execute(
+            &ctx.conn,
+            "UPDATE instances SET lock_token = ?2, locked_until = ?3 WHERE seq = ?1",
+            [candidate.seq, token, locked_until],
+        )?;
         work.push(OrchestrationWork {
             lock: LockToken::new(instance_id(candidate.id)?, from_bits(token)),
             locked_until: timestamp(locked_until),
@@ -100,7 +95,7 @@ async fn fetch_tx(
 /// Up to `max` candidates whose messages (and history, when asked) decode, with what
 /// was read for them. An undecodable one is set aside as suspended with the reason,
 /// and the scan goes on, so that set-aside instances do not use up the batch.
-async fn claimable(
+fn claimable(
     ctx: &mut WriteCtx,
     max: usize,
     now: i64,
@@ -111,8 +106,7 @@ async fn claimable(
     loop {
         // The instances chosen so far are still claimable, and first in claim order:
         // a scan after a set-aside finds them again, then the next ones.
-        let candidates: Vec<Candidate> = scan(ctx, max, now)
-            .await?
+        let candidates: Vec<Candidate> = scan(ctx, max, now)?
             .into_iter()
             .filter(|c| !chosen.contains(&c.seq))
             .take(max.saturating_sub(good.len()))
@@ -120,7 +114,7 @@ async fn claimable(
         if candidates.is_empty() {
             return Ok(good);
         }
-        let mut loaded = load(ctx, &candidates, now, with_history).await?;
+        let mut loaded = load(ctx, &candidates, now, with_history)?;
         let mut set_aside = false;
         for candidate in candidates {
             let entry = loaded.remove(&candidate.seq).unwrap_or_default();
@@ -130,7 +124,7 @@ async fn claimable(
                     good.push((candidate, entry));
                 }
                 Some(error) => {
-                    set_aside_undecodable(ctx, &candidate, &error, now).await?;
+                    set_aside_undecodable(ctx, &candidate, &error, now)?;
                     set_aside = true;
                 }
             }
@@ -144,8 +138,8 @@ async fn claimable(
 /// Suspends an instance whose stored data cannot be decoded, keeping its messages: a
 /// human (or a fixed build) resumes it. A finished instance is not brought back to
 /// life: its turns would only drain its late messages, so they are dropped instead.
-async fn set_aside_undecodable(
-    ctx: &mut WriteCtx,
+fn set_aside_undecodable(
+    ctx: &WriteCtx,
     candidate: &Candidate,
     error: &ProviderError,
     now: i64,
@@ -155,24 +149,20 @@ async fn set_aside_undecodable(
         "completed" | "failed" | "cancelled"
     ) {
         tracing::warn!(instance = %candidate.id, %error, "dropping undecodable messages of a finished instance");
-        sqlx::query("DELETE FROM messages WHERE instance = ?1")
-            .bind(&candidate.id)
-            .execute(&mut ctx.conn)
-            .await
-            .map_err(db)?;
+        execute(
+            &ctx.conn,
+            "DELETE FROM messages WHERE instance = ?1",
+            [&candidate.id],
+        )?;
         return Ok(());
     }
     tracing::warn!(instance = %candidate.id, %error, "suspending an undecodable instance");
-    sqlx::query(
+    execute(
+        &ctx.conn,
         "UPDATE instances SET status = 'suspended', status_reason = ?2, updated_at = ?3 \
          WHERE seq = ?1",
-    )
-    .bind(candidate.seq)
-    .bind(error.message())
-    .bind(now)
-    .execute(&mut ctx.conn)
-    .await
-    .map_err(db)?;
+        (candidate.seq, error.message(), now),
+    )?;
     Ok(())
 }
 
@@ -181,15 +171,20 @@ async fn set_aside_undecodable(
 ///
 /// Delayed messages that came due are marked ready first; then one index is walked in
 /// claim order, a page at a time, keeping each instance's first message.
-async fn scan(ctx: &mut WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>> {
+fn scan(ctx: &WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>> {
     let page = count(max.saturating_mul(2).max(32) as u64);
     let mut after = (i64::MAX, i64::MIN);
     let mut seen = HashSet::new();
     let mut candidates = Vec::new();
+    execute(
+        &ctx.conn,
+        "UPDATE messages SET ready = 1 WHERE ready = 0 AND visible_at <= ?1",
+        [now],
+    )?;
     loop {
-        let rows = sqlx::query(
-            "UPDATE messages SET ready = 1 WHERE ready = 0 AND visible_at <= ?1; \
-             SELECT i.seq, i.id, i.name, i.version, i.status, i.execution, i.history_len, \
+        let rows = query::all(
+            &ctx.conn,
+            "SELECT i.seq, i.id, i.name, i.version, i.status, i.execution, i.history_len, \
                     m.priority, m.id \
              FROM messages m JOIN instances i ON i.id = m.instance \
              WHERE m.ready = 1 AND m.visible_at <= ?1 \
@@ -197,28 +192,26 @@ async fn scan(ctx: &mut WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>
                AND (i.locked_until IS NULL OR i.locked_until <= ?1) \
                AND i.status NOT IN ('paused', 'suspended') \
              ORDER BY m.priority DESC, m.id LIMIT ?4",
-        )
-        .bind(now)
-        .bind(after.0)
-        .bind(after.1)
-        .bind(page)
-        .fetch_all(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= page;
-        for row in &rows {
-            after = (col(row, 7)?, col(row, 8)?);
-            let seq: i64 = col(row, 0)?;
-            if seen.insert(seq) {
-                candidates.push(Candidate {
-                    seq,
+            [now, after.0, after.1, page],
+            |row| {
+                let position: (i64, i64) = (col(row, 7)?, col(row, 8)?);
+                let candidate = Candidate {
+                    seq: col(row, 0)?,
                     id: col(row, 1)?,
                     name: col(row, 2)?,
                     version: col(row, 3)?,
                     status: col(row, 4)?,
                     execution: col(row, 5)?,
                     history_len: col(row, 6)?,
-                });
+                };
+                Ok((position, candidate))
+            },
+        )?;
+        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= page;
+        for (position, candidate) in rows {
+            after = position;
+            if seen.insert(candidate.seq) {
+                candidates.push(candidate);
                 if candidates.len() >= max {
                     return Ok(candidates);
                 }
@@ -231,66 +224,77 @@ async fn scan(ctx: &mut WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>
 }
 
 /// Reads the candidates' visible messages (oldest first) and, when asked, their
-/// current histories, in one round trip; decodes them. A record that does not decode
-/// marks its instance corrupt, naming the record; the other candidates are unaffected.
-async fn load(
-    ctx: &mut WriteCtx,
+/// current histories; decodes them. A record that does not decode marks its instance
+/// corrupt, naming the record; the other candidates are unaffected.
+fn load(
+    ctx: &WriteCtx,
     candidates: &[Candidate],
     now: i64,
     with_history: bool,
 ) -> Result<HashMap<i64, Loaded>> {
-    let rows = sqlx::query(
-        "SELECT 0, i.seq, m.id, m.enqueued_at, m.body \
-         FROM json_each(?1) AS j JOIN instances i ON i.seq = j.value \
-         JOIN messages m ON m.instance = i.id \
-         WHERE m.ready = 1 AND m.visible_at <= ?2 ORDER BY m.id; \
-         SELECT 1, i.seq, h.seq, h.execution, h.event \
-         FROM json_each(?1) AS j JOIN instances i ON i.seq = j.value \
-         JOIN history h ON h.instance = i.id AND h.execution = i.execution \
-         WHERE ?3 ORDER BY i.seq, h.seq",
-    )
-    .bind(int_array(candidates.iter().map(|c| c.seq)))
-    .bind(now)
-    .bind(with_history)
-    .fetch_all(&mut ctx.conn)
-    .await
-    .map_err(db)?;
     let mut loaded: HashMap<i64, Loaded> = HashMap::with_capacity(candidates.len());
-    for row in &rows {
-        let entry = loaded.entry(col(row, 1)?).or_default();
-        if entry.corrupt.is_some() {
-            continue;
-        }
-        // A message's id, or an event's sequence number.
-        let number: i64 = col(row, 2)?;
-        if col::<i64>(row, 0)? == 0 {
-            let decoded = record(
-                row,
-                4,
-                decode_record::<Message>,
-                format_args!("message {number}"),
-            );
-            match decoded {
-                Ok(message) => entry.messages.push(QueuedMessage {
-                    id: MessageId(uncount(number, "a message id")?),
-                    enqueued_at: timestamp(col(row, 3)?),
-                    message,
-                }),
-                Err(error) => entry.corrupt = Some(error),
+    for candidate in candidates {
+        let mut entry = Loaded::default();
+        let messages = query::all(
+            &ctx.conn,
+            "SELECT id, enqueued_at, body FROM messages \
+             WHERE instance = ?1 AND ready = 1 AND visible_at <= ?2 ORDER BY id",
+            (&candidate.id, now),
+            |row| {
+                let id: i64 = col(row, 0)?;
+                let decoded = record(
+                    row,
+                    2,
+                    decode_record::<Message>,
+                    format_args!("message {id}"),
+                );
+                Ok(match decoded {
+                    Ok(message) => Ok(QueuedMessage {
+                        id: MessageId(uncount(id, "a message id")?),
+                        enqueued_at: timestamp(col(row, 1)?),
+                        message,
+                    }),
+                    Err(error) => Err(error),
+                })
+            },
+        )?;
+        for message in messages {
+            match message {
+                Ok(message) => entry.messages.push(message),
+                Err(error) => {
+                    entry.corrupt = Some(error);
+                    break;
+                }
             }
-        } else {
-            let execution: i64 = col(row, 3)?;
-            let decoded = record(
-                row,
-                4,
-                decode_record::<Event>,
-                format_args!("history event {number} of execution {execution}"),
-            );
-            match decoded {
-                Ok(event) => entry.history.push(event),
-                Err(error) => entry.corrupt = Some(error),
+        }
+        if with_history && entry.corrupt.is_none() {
+            let events = query::all(
+                &ctx.conn,
+                "SELECT seq, event FROM history \
+                 WHERE instance = ?1 AND execution = ?2 ORDER BY seq",
+                (&candidate.id, candidate.execution),
+                |row| {
+                    let seq: i64 = col(row, 0)?;
+                    let execution = candidate.execution;
+                    Ok(record(
+                        row,
+                        1,
+                        decode_record::<Event>,
+                        format_args!("history event {seq} of execution {execution}"),
+                    ))
+                },
+            )?;
+            for event in events {
+                match event {
+                    Ok(event) => entry.history.push(event),
+                    Err(error) => {
+                        entry.corrupt = Some(error);
+                        break;
+                    }
+                }
             }
         }
+        loaded.insert(candidate.seq, entry);
     }
     Ok(loaded)
 }
@@ -315,51 +319,40 @@ enum LockChange {
 async fn change_lock(p: &SqliteProvider, lock: &LockToken, change: LockChange) -> Result<()> {
     let lock = lock.clone();
     p.write(move |ctx| {
-        Box::pin(async move {
-            let now_ts = ctx.now();
-            let now = millis(now_ts);
-            let query = match &change {
-                LockChange::Renew(extend) => sqlx::query(
-                    "UPDATE instances SET locked_until = ?4 \
-                     WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
-                )
-                .bind(lock.instance().as_str())
-                .bind(u64_bits(lock.token()))
-                .bind(now)
-                .bind(later(now_ts, *extend)),
-                // The token goes, so the old holder is stale at once; `locked_until`
-                // stays as the time the instance may be fetched again.
-                LockChange::Abandon(delay) => sqlx::query(
-                    "UPDATE instances SET lock_token = NULL, locked_until = ?4 \
-                     WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
-                )
-                .bind(lock.instance().as_str())
-                .bind(u64_bits(lock.token()))
-                .bind(now)
-                .bind(later(now_ts, *delay)),
-                LockChange::Suspend(reason) => sqlx::query(
-                    "UPDATE instances SET status = 'suspended', status_reason = ?4, \
-                     lock_token = NULL, locked_until = NULL, updated_at = ?3 \
-                     WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
-                )
-                .bind(lock.instance().as_str())
-                .bind(u64_bits(lock.token()))
-                .bind(now)
-                .bind(reason.as_str()),
-            };
-            let changed = query
-                .execute(&mut ctx.conn)
-                .await
-                .map_err(db)?
-                .rows_affected();
-            if changed == 0 {
-                return Err(stale(&lock));
-            }
-            if matches!(change, LockChange::Abandon(_)) {
-                ctx.wake(WorkKind::Orchestrations);
-            }
-            Ok(())
-        })
+        let now_ts = ctx.now();
+        let now = millis(now_ts);
+        let instance = lock.instance().as_str();
+        let token = u64_bits(lock.token());
+        let changed = match &change {
+            LockChange::Renew(extend) => execute(
+                &ctx.conn,
+                "UPDATE instances SET locked_until = ?4 \
+                 WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
+                (instance, token, now, later(now_ts, *extend)),
+            )?,
+            // The token goes, so the old holder is stale at once; `locked_until`
+            // stays as the time the instance may be fetched again.
+            LockChange::Abandon(delay) => execute(
+                &ctx.conn,
+                "UPDATE instances SET lock_token = NULL, locked_until = ?4 \
+                 WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
+                (instance, token, now, later(now_ts, *delay)),
+            )?,
+            LockChange::Suspend(reason) => execute(
+                &ctx.conn,
+                "UPDATE instances SET status = 'suspended', status_reason = ?4, \
+                 lock_token = NULL, locked_until = NULL, updated_at = ?3 \
+                 WHERE id = ?1 AND lock_token = ?2 AND locked_until > ?3",
+                (instance, token, now, reason.as_str()),
+            )?,
+        };
+        if changed == 0 {
+            return Err(stale(&lock));
+        }
+        if matches!(change, LockChange::Abandon(_)) {
+            ctx.wake(WorkKind::Orchestrations);
+        }
+        Ok(())
     })
     .await
 }

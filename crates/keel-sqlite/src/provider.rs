@@ -2,12 +2,11 @@
 //! dispatches each method to its module.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
     Ack, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Clock, Created,
@@ -15,12 +14,13 @@ use keel_provider::{
     LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page,
     PageRequest, Provider, PurgeFilter, QueueDepths, Result, WorkKind,
 };
-use sqlx::ConnectOptions;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use rusqlite::{Connection, OpenFlags};
 
 use crate::error::db;
 use crate::migrations;
-use crate::options::SqliteOptions;
+use crate::options::{SqliteOptions, Synchronous};
+use crate::query::STATEMENT_CACHE;
+use crate::reader::Readers;
 use crate::wake::Wake;
 use crate::writer::{WriteCtx, Writer};
 use crate::{ack, activity, dead_letter, instance, lease, orchestration};
@@ -31,10 +31,10 @@ static MEMORY_DATABASES: AtomicU64 = AtomicU64::new(0);
 /// Keel's SQLite provider: one file (or one in-memory database) holding instances,
 /// histories and queues.
 ///
-/// Writes go through one connection that commits concurrent requests together (group
-/// commit), each in its own savepoint; reads use a pool of read-only connections. The
-/// file is in WAL mode, so reads never wait for the writer. Cloning is cheap and shares
-/// the connections.
+/// Writes go through one connection, owned by a thread of its own, that commits
+/// concurrent requests together (group commit), each in its own savepoint; reads use a
+/// pool of read-only connections on blocking threads. The file is in WAL mode, so
+/// reads never wait for the writer. Cloning is cheap and shares the connections.
 #[derive(Clone)]
 pub struct SqliteProvider {
     pub(crate) inner: Arc<Inner>,
@@ -42,7 +42,7 @@ pub struct SqliteProvider {
 
 pub(crate) struct Inner {
     pub(crate) writer: Writer,
-    pub(crate) readers: SqlitePool,
+    pub(crate) readers: Arc<Readers>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) wake: Arc<Wake>,
     pub(crate) capabilities: Capabilities,
@@ -58,6 +58,61 @@ impl fmt::Debug for SqliteProvider {
     }
 }
 
+/// Where the database is.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A file, created if missing.
+    File(PathBuf),
+    /// A named shared-cache in-memory database (a `file:` URI), alive while any of
+    /// its connections is open.
+    Memory(String),
+}
+
+/// How to open the provider's connections.
+#[derive(Debug, Clone)]
+struct Connect {
+    target: Target,
+    busy_timeout: Duration,
+    synchronous: Synchronous,
+}
+
+impl Connect {
+    /// The write connection: creates the database, switches a file to WAL, and sets
+    /// the durability of commits.
+    fn writer(&self) -> rusqlite::Result<Connection> {
+        let conn = self.open(OpenFlags::SQLITE_OPEN_CREATE)?;
+        if let Target::File(_) = self.target {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+        }
+        conn.pragma_update(None, "synchronous", self.synchronous.pragma())?;
+        Ok(conn)
+    }
+
+    /// A read-only connection: `query_only` makes a bug that tries to write fail
+    /// loudly.
+    fn reader(&self) -> rusqlite::Result<Connection> {
+        let conn = self.open(OpenFlags::empty())?;
+        conn.pragma_update(None, "query_only", "ON")?;
+        Ok(conn)
+    }
+
+    fn open(&self, extra: OpenFlags) -> rusqlite::Result<Connection> {
+        // Each connection is used by one thread at a time: SQLite's own mutex is
+        // not needed.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | extra;
+        let conn = match &self.target {
+            Target::File(path) => Connection::open_with_flags(path, flags)?,
+            Target::Memory(uri) => {
+                Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)?
+            }
+        };
+        conn.busy_timeout(self.busy_timeout)?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(conn)
+    }
+}
+
 impl SqliteProvider {
     /// Opens (creating it if missing) the database file at `path` with the default
     /// options, applying any migrations it lacks.
@@ -69,16 +124,8 @@ impl SqliteProvider {
     /// applying any migrations it lacks.
     pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
         let path = path.as_ref();
-        let base = SqliteConnectOptions::new()
-            .filename(path)
-            .busy_timeout(options.busy_timeout)
-            .foreign_keys(false);
-        let writer = base
-            .clone()
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(options.synchronous.to_sqlx());
-        Self::start(writer, base, path.display().to_string(), options).await
+        let location = path.display().to_string();
+        Self::start(Target::File(path.to_path_buf()), location, options).await
     }
 
     /// Opens a fresh in-memory database with the default options: gone when the
@@ -92,37 +139,30 @@ impl SqliteProvider {
     pub async fn in_memory_with(options: SqliteOptions) -> Result<Self> {
         let n = MEMORY_DATABASES.fetch_add(1, Ordering::Relaxed);
         let name = format!("file:keel-{}-{n}", std::process::id());
-        let base = SqliteConnectOptions::new()
-            .filename(&name)
-            .in_memory(true)
-            .shared_cache(true)
-            .busy_timeout(options.busy_timeout)
-            .foreign_keys(false);
-        let writer = base
-            .clone()
-            .create_if_missing(true)
-            .synchronous(options.synchronous.to_sqlx());
-        Self::start(writer, base, name, options).await
+        let uri = format!("{name}?mode=memory&cache=shared");
+        Self::start(Target::Memory(uri), name, options).await
     }
 
-    async fn start(
-        writer: SqliteConnectOptions,
-        readers: SqliteConnectOptions,
-        location: String,
-        options: SqliteOptions,
-    ) -> Result<Self> {
-        let mut conn = writer.connect().await.map_err(db)?;
+    async fn start(target: Target, location: String, options: SqliteOptions) -> Result<Self> {
+        let connect = Connect {
+            target,
+            busy_timeout: options.busy_timeout,
+            synchronous: options.synchronous,
+        };
         let now = crate::convert::millis(options.clock.now());
-        migrations::apply(&mut conn, now).await?;
-        // Readers never write: `query_only` makes a bug that tries fail loudly.
-        let readers = SqlitePoolOptions::new()
-            .max_connections(options.readers)
-            .min_connections(0)
-            // A local file does not drop connections: skip the ping on every acquire.
-            .test_before_acquire(false)
-            .connect_lazy_with(readers.pragma("query_only", "ON"));
         let wake = Arc::new(Wake::default());
-        let writer = Writer::spawn(conn, Arc::clone(&options.clock), Arc::clone(&wake));
+        let opener = connect.clone();
+        let writer = Writer::start(
+            move || {
+                let conn = opener.writer().map_err(db)?;
+                migrations::apply(&conn, now)?;
+                Ok(conn)
+            },
+            Arc::clone(&options.clock),
+            Arc::clone(&wake),
+        )
+        .await?;
+        let readers = Arc::new(Readers::new(options.readers, move || connect.reader()));
         let mut capabilities = Capabilities::default();
         capabilities.max_record_bytes = options.max_record_bytes;
         capabilities.max_history_events = options.max_history_events;
@@ -142,7 +182,7 @@ impl SqliteProvider {
     /// afterwards fail with `Unavailable`.
     pub async fn close(&self) {
         self.inner.writer.close().await;
-        self.inner.readers.close().await;
+        self.inner.readers.close();
     }
 
     /// How many transactions the writer has committed since open. Compared with the
@@ -155,14 +195,18 @@ impl SqliteProvider {
     pub(crate) async fn write<R, F>(&self, work: F) -> Result<R>
     where
         R: Send + 'static,
-        F: for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Result<R>> + Send + 'static,
+        F: FnOnce(&mut WriteCtx) -> Result<R> + Send + 'static,
     {
         self.inner.writer.run(Box::new(work)).await
     }
 
-    /// The read-only pool.
-    pub(crate) fn readers(&self) -> &SqlitePool {
-        &self.inner.readers
+    /// Runs `read` on a read-only connection, off the async runtime.
+    pub(crate) async fn read<R, F>(&self, read: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        self.inner.readers.read(read).await
     }
 
     /// The provider's current time.
@@ -322,7 +366,6 @@ mod tests {
     use keel_provider::{
         Ack, ErrorKind, FetchOrchestrations, ManualClock, NewInstance, OnConflict, Provider,
     };
-    use sqlx::{Executor, Row};
 
     use super::*;
     use crate::options::Synchronous;
@@ -355,17 +398,16 @@ mod tests {
     /// Runs one statement on the write connection and returns its first column.
     async fn pragma(p: &SqliteProvider, sql: &'static str) -> String {
         p.write(move |ctx| {
-            Box::pin(async move {
-                let row = sqlx::query(sql)
-                    .fetch_one(&mut ctx.conn)
-                    .await
-                    .map_err(db)?;
-                let value: sqlx::Result<String> = row.try_get(0);
-                Ok(match value {
-                    Ok(text) => text,
-                    Err(_) => row.try_get::<i64, _>(0).map_err(db)?.to_string(),
+            ctx.conn
+                .query_row(sql, [], |row| {
+                    Ok(match row.get_ref(0)? {
+                        rusqlite::types::ValueRef::Text(text) => {
+                            String::from_utf8_lossy(text).into_owned()
+                        }
+                        other => other.as_i64()?.to_string(),
+                    })
                 })
-            })
+                .map_err(db)
         })
         .await
         .unwrap()
@@ -391,13 +433,10 @@ mod tests {
         let path = dir.path().join("keel.db");
         let p = SqliteProvider::open_with(&path, options()).await.unwrap();
         p.write(|ctx| {
-            Box::pin(async move {
-                ctx.conn
-                    .execute("INSERT INTO keel_schema_version VALUES (999, 0)")
-                    .await
-                    .map_err(db)?;
-                Ok(())
-            })
+            ctx.conn
+                .execute("INSERT INTO keel_schema_version VALUES (999, 0)", [])
+                .map_err(db)?;
+            Ok(())
         })
         .await
         .unwrap();
@@ -477,10 +516,8 @@ mod tests {
         let slow = p.clone();
         let handle = tokio::spawn(async move {
             slow.write(|_ctx| {
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok(())
-                })
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
             })
             .await
             .unwrap();
@@ -539,20 +576,16 @@ mod tests {
             let p = p.clone();
             tokio::spawn(async move {
                 p.write(move |ctx| {
-                    Box::pin(async move {
-                        sqlx::query("INSERT INTO keel_meta (key, value) VALUES (?1, 1)")
-                            .bind(key)
-                            .execute(&mut ctx.conn)
-                            .await
-                            .map_err(db)?;
-                        if fail {
-                            return Err(keel_provider::ProviderError::new(
-                                ErrorKind::InvalidInput,
-                                "refused after writing",
-                            ));
-                        }
-                        Ok(())
-                    })
+                    ctx.conn
+                        .execute("INSERT INTO keel_meta (key, value) VALUES (?1, 1)", [key])
+                        .map_err(db)?;
+                    if fail {
+                        return Err(keel_provider::ProviderError::new(
+                            ErrorKind::InvalidInput,
+                            "refused after writing",
+                        ));
+                    }
+                    Ok(())
                 })
                 .await
             })

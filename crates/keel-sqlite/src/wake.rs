@@ -9,8 +9,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::convert::{col, millis, timestamp};
-use crate::error::db;
 use crate::provider::SqliteProvider;
+use crate::query;
 
 /// How often a waiter with a delayed item pending re-reads the clock: a virtual clock
 /// can jump past the item's due time without anyone enqueueing anything.
@@ -125,10 +125,9 @@ async fn due_after(
             "SELECT MIN(visible_at) FROM work_items WHERE lease_token IS NULL AND visible_at > ?1"
         }
     };
-    let row = sqlx::query(sql)
-        .bind(millis(after))
-        .fetch_one(p.readers())
-        .await
-        .map_err(db)?;
-    Ok(col::<Option<i64>>(&row, 0)?.map(timestamp))
+    let after = millis(after);
+    let due = p
+        .read(move |conn| query::one(conn, sql, [after], |row| col::<Option<i64>>(row, 0)))
+        .await?;
+    Ok(due.map(timestamp))
 }

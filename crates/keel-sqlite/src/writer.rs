@@ -1,22 +1,25 @@
 //! The one writer connection and its group commit.
 //!
 //! SQLite allows one writer at a time, and a durable commit costs an fsync, so every
-//! write of the provider goes through one task that owns the write connection. The
-//! task takes the first request waiting on its channel plus every other request that
-//! arrived meanwhile, and runs them all in one transaction: one commit (one fsync)
-//! for the whole group. Each request runs inside its own `SAVEPOINT`, so one that
-//! fails rolls back alone while the others in the group still commit. Replies are
-//! sent only once the commit has succeeded; if the commit fails, every request of
+//! write of the provider goes through one OS thread that owns the write connection.
+//! The thread takes the first request waiting on its channel plus every other request
+//! that arrived meanwhile, and runs them all in one transaction: one commit (one
+//! fsync) for the whole group. Each request runs inside its own `SAVEPOINT`, so one
+//! that fails rolls back alone while the others in the group still commit. Replies
+//! are sent only once the commit has succeeded; if the commit fails, every request of
 //! the group gets the error.
+//!
+//! Requests are plain synchronous closures: SQLite's calls block, and a thread of its
+//! own keeps them off the async runtime without a hop per statement.
 
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures_util::future::BoxFuture;
 use keel_core::Timestamp;
-use keel_provider::{Clock, ProviderError, Result, WorkKind};
-use sqlx::sqlite::SqliteConnection;
+use keel_provider::{Clock, ErrorKind, ProviderError, Result, WorkKind};
+use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{closed, db, replicate};
@@ -33,7 +36,7 @@ const CHANNEL: usize = 1024;
 /// the clock, and a place to say which dispatchers to wake after the commit.
 pub(crate) struct WriteCtx {
     /// The write connection, inside a transaction and the request's savepoint.
-    pub(crate) conn: SqliteConnection,
+    pub(crate) conn: Connection,
     clock: Arc<dyn Clock>,
     wake_orchestrations: bool,
     wake_activities: bool,
@@ -58,13 +61,12 @@ impl WriteCtx {
 
 /// A request's code: runs on the write connection and returns its result. An `Err`
 /// rolls the request's savepoint back; an `Ok` keeps its writes.
-pub(crate) type Work<R> =
-    Box<dyn for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Result<R>> + Send>;
+pub(crate) type Work<R> = Box<dyn FnOnce(&mut WriteCtx) -> Result<R> + Send>;
 
 /// A request with its reply channel, its result type erased.
 trait Job: Send {
     /// Runs the request; returns whether to keep its writes and how to answer.
-    fn run<'c>(self: Box<Self>, ctx: &'c mut WriteCtx) -> BoxFuture<'c, Box<dyn Reply>>;
+    fn run(self: Box<Self>, ctx: &mut WriteCtx) -> Box<dyn Reply>;
     /// Answers without running: the group's transaction could not begin.
     fn fail(self: Box<Self>, error: ProviderError);
 }
@@ -88,12 +90,17 @@ struct Answer<R> {
 }
 
 impl<R: Send + 'static> Job for Request<R> {
-    fn run<'c>(self: Box<Self>, ctx: &'c mut WriteCtx) -> BoxFuture<'c, Box<dyn Reply>> {
+    fn run(self: Box<Self>, ctx: &mut WriteCtx) -> Box<dyn Reply> {
         let Self { work, reply } = *self;
-        Box::pin(async move {
-            let result = work(ctx).await;
-            Box::new(Answer { result, reply }) as Box<dyn Reply>
-        })
+        // A panicking request is a bug; it fails (its savepoint rolls back) rather than
+        // taking the writer, and every later write, down with it.
+        let result = catch_unwind(AssertUnwindSafe(|| work(ctx))).unwrap_or_else(|_| {
+            Err(ProviderError::new(
+                ErrorKind::Internal,
+                "a SQLite write request panicked",
+            ))
+        });
+        Box::new(Answer { result, reply })
     }
 
     fn fail(self: Box<Self>, error: ProviderError) {
@@ -138,19 +145,49 @@ impl std::fmt::Debug for Command {
 }
 
 impl Writer {
-    /// Starts the writer task on the current tokio runtime, owning `conn`.
-    pub(crate) fn spawn(conn: SqliteConnection, clock: Arc<dyn Clock>, wake: Arc<Wake>) -> Self {
+    /// Starts the writer thread: it opens its connection with `open` (which also
+    /// migrates the database) and, once that succeeded, serves requests until the
+    /// provider is closed or dropped. Returns `open`'s error if it failed.
+    pub(crate) async fn start<F>(open: F, clock: Arc<dyn Clock>, wake: Arc<Wake>) -> Result<Self>
+    where
+        F: FnOnce() -> Result<Connection> + Send + 'static,
+    {
         let (sender, receiver) = mpsc::channel(CHANNEL);
+        let (ready, opened) = oneshot::channel();
         let commits = Arc::new(AtomicU64::new(0));
-        let ctx = WriteCtx {
-            conn,
-            clock,
-            wake_orchestrations: false,
-            wake_activities: false,
-            tokens: 0..0,
-        };
-        tokio::spawn(run(ctx, receiver, wake, Arc::clone(&commits)));
-        Self { sender, commits }
+        let counter = Arc::clone(&commits);
+        std::thread::Builder::new()
+            .name("keel-sqlite-writer".to_owned())
+            .spawn(move || {
+                let conn = match open() {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        let _ = ready.send(Err(error));
+                        return;
+                    }
+                };
+                if ready.send(Ok(())).is_err() {
+                    // Nobody waits for the provider any more.
+                    return;
+                }
+                let ctx = WriteCtx {
+                    conn,
+                    clock,
+                    wake_orchestrations: false,
+                    wake_activities: false,
+                    tokens: 0..0,
+                };
+                serve(ctx, receiver, &wake, &counter);
+            })
+            .map_err(|error| {
+                ProviderError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot start the SQLite writer thread: {error}"),
+                )
+                .with_source(error)
+            })?;
+        opened.await.map_err(|_| closed())??;
+        Ok(Self { sender, commits })
     }
 
     /// Runs `work` in the next group transaction and returns its result once that
@@ -165,7 +202,7 @@ impl Writer {
         answer.await.map_err(|_| closed())?
     }
 
-    /// Finishes the requests already queued, closes the connection and stops the task.
+    /// Finishes the requests already queued, closes the connection and stops the thread.
     pub(crate) async fn close(&self) {
         let (done, wait) = oneshot::channel();
         if self.sender.send(Command::Close(done)).await.is_ok() {
@@ -179,14 +216,16 @@ impl Writer {
     }
 }
 
-async fn run(
+/// The writer thread's loop: one group transaction per turn, until a close or until
+/// every handle is gone.
+fn serve(
     mut ctx: WriteCtx,
     mut receiver: mpsc::Receiver<Command>,
-    wake: Arc<Wake>,
-    commits: Arc<AtomicU64>,
+    wake: &Wake,
+    commits: &AtomicU64,
 ) {
     let mut closing = None;
-    while let Some(first) = receiver.recv().await {
+    while let Some(first) = receiver.blocking_recv() {
         let mut group = Vec::new();
         match first {
             Command::Job(job) => group.push(job),
@@ -206,7 +245,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_group(&mut ctx, group, &commits).await;
+        commit_group(&mut ctx, group, commits);
         if std::mem::take(&mut ctx.wake_orchestrations) {
             wake.notify(WorkKind::Orchestrations);
         }
@@ -224,7 +263,7 @@ async fn run(
             job.fail(closed());
         }
     }
-    if let Err(error) = sqlx::Connection::close(ctx.conn).await {
+    if let Err((_, error)) = ctx.conn.close() {
         tracing::warn!(%error, "closing the SQLite write connection failed");
     }
     if let Some(done) = closing {
@@ -232,13 +271,17 @@ async fn run(
     }
 }
 
+/// Runs transaction-control statements in order (each one cached once prepared).
+fn control(conn: &Connection, statements: &[&str]) -> rusqlite::Result<()> {
+    for sql in statements {
+        conn.prepare_cached(sql)?.execute([])?;
+    }
+    Ok(())
+}
+
 /// Runs `group` in one transaction, each request in its own savepoint, and answers
 /// every request, counting a commit in `commits` before anyone hears of it.
-///
-/// Transaction control rides along in as few round trips to SQLite's thread as
-/// possible: `BEGIN` with the first savepoint, each savepoint's end with the next one's
-/// start, and the last end with `COMMIT`.
-async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &AtomicU64) {
+fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &AtomicU64) {
     let mut replies: Vec<Box<dyn Reply>> = Vec::with_capacity(group.len());
     let mut broken: Option<ProviderError> = None;
     for job in group {
@@ -246,12 +289,16 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &At
             job.fail(replicate(error));
             continue;
         }
-        let open = match replies.last() {
-            None => "BEGIN IMMEDIATE; SAVEPOINT request",
-            Some(previous) if previous.keep() => "RELEASE request; SAVEPOINT request",
-            Some(_) => "ROLLBACK TO request; RELEASE request; SAVEPOINT request",
+        let open: &[&str] = match replies.last() {
+            None => &["BEGIN IMMEDIATE", "SAVEPOINT request"],
+            Some(previous) if previous.keep() => &["RELEASE request", "SAVEPOINT request"],
+            Some(_) => &[
+                "ROLLBACK TO request",
+                "RELEASE request",
+                "SAVEPOINT request",
+            ],
         };
-        if let Err(error) = sqlx::raw_sql(open).execute(&mut ctx.conn).await {
+        if let Err(error) = control(&ctx.conn, open) {
             // Some errors (a full disk, an I/O error) roll the whole transaction back,
             // taking the savepoints with them: nothing of this group can commit.
             let error = db(error);
@@ -259,7 +306,7 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &At
             broken = Some(error);
             continue;
         }
-        let reply = job.run(ctx).await;
+        let reply = job.run(ctx);
         if !reply.keep() {
             // Its token reservation, if it made one, is rolled back with it.
             ctx.tokens = 0..0;
@@ -269,20 +316,18 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &At
     let failure = match broken {
         Some(error) => Some(error),
         None => {
-            let close = match replies.last() {
-                Some(last) if !last.keep() => "ROLLBACK TO request; RELEASE request; COMMIT",
-                _ => "RELEASE request; COMMIT",
+            let close: &[&str] = match replies.last() {
+                Some(last) if !last.keep() => &["ROLLBACK TO request", "RELEASE request", "COMMIT"],
+                _ => &["RELEASE request", "COMMIT"],
             };
-            sqlx::raw_sql(close)
-                .execute(&mut ctx.conn)
-                .await
-                .err()
-                .map(db)
+            control(&ctx.conn, close).err().map(db)
         }
     };
     if let Some(error) = &failure {
         // Harmless when the failure already ended the transaction.
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut ctx.conn).await;
+        if !ctx.conn.is_autocommit() {
+            let _ = ctx.conn.execute_batch("ROLLBACK");
+        }
         ctx.tokens = 0..0;
         tracing::warn!(%error, requests = replies.len(), "a SQLite group commit failed");
     }
@@ -295,26 +340,18 @@ async fn commit_group(ctx: &mut WriteCtx, group: Vec<Box<dyn Job>>, commits: &At
 }
 
 /// Opens a savepoint inside a request, for one item of a batch that must fail alone.
-pub(crate) async fn savepoint(ctx: &mut WriteCtx) -> Result<()> {
-    sqlx::raw_sql("SAVEPOINT item")
-        .execute(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-    Ok(())
+pub(crate) fn savepoint(ctx: &WriteCtx) -> Result<()> {
+    control(&ctx.conn, &["SAVEPOINT item"]).map_err(db)
 }
 
 /// Closes the savepoint [`savepoint`] opened, keeping its writes or rolling them back.
-pub(crate) async fn end_savepoint(ctx: &mut WriteCtx, keep: bool) -> Result<()> {
-    let sql = if keep {
-        "RELEASE item"
+pub(crate) fn end_savepoint(ctx: &WriteCtx, keep: bool) -> Result<()> {
+    let statements: &[&str] = if keep {
+        &["RELEASE item"]
     } else {
-        "ROLLBACK TO item; RELEASE item"
+        &["ROLLBACK TO item", "RELEASE item"]
     };
-    sqlx::raw_sql(sql)
-        .execute(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-    Ok(())
+    control(&ctx.conn, statements).map_err(db)
 }
 
 /// How many tokens one reservation takes from the database.
@@ -324,18 +361,17 @@ const TOKEN_BLOCK: i64 = 1024;
 /// blocks reserved in the database in the same transaction that uses them, so they
 /// never repeat, across restarts and processes; a block whose reservation was rolled
 /// back is forgotten.
-pub(crate) async fn allocate_tokens(ctx: &mut WriteCtx, n: usize) -> Result<i64> {
+pub(crate) fn allocate_tokens(ctx: &mut WriteCtx, n: usize) -> Result<i64> {
     let n = i64::try_from(n).unwrap_or(i64::MAX);
     if ctx.tokens.end.saturating_sub(ctx.tokens.start) < n {
         let block = n.max(TOKEN_BLOCK);
-        let row = sqlx::query(
-            "UPDATE keel_meta SET value = value + ?1 WHERE key = 'token' RETURNING value",
-        )
-        .bind(block)
-        .fetch_one(&mut ctx.conn)
-        .await
-        .map_err(db)?;
-        let last: i64 = sqlx::Row::try_get(&row, 0).map_err(db)?;
+        let last: i64 = ctx
+            .conn
+            .prepare_cached(
+                "UPDATE keel_meta SET value = value + ?1 WHERE key = 'token' RETURNING value",
+            )
+            .and_then(|mut statement| statement.query_row([block], |row| row.get(0)))
+            .map_err(db)?;
         ctx.tokens = (last - block + 1)..(last + 1);
     }
     let first = ctx.tokens.start;

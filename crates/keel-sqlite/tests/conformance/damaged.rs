@@ -16,14 +16,14 @@ use keel_provider::{
     PageRequest, Provider,
 };
 use keel_sqlite::SqliteProvider;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{ConnectOptions, Row};
+use rusqlite::Connection;
+use rusqlite::types::Value;
 use tempfile::TempDir;
 
 /// A provider on a file, and a connection of the test's own to the same file.
 struct Damaged {
     provider: SqliteProvider,
-    raw: SqliteConnection,
+    raw: Connection,
     _dir: TempDir,
 }
 
@@ -35,12 +35,9 @@ impl Damaged {
         let provider = SqliteProvider::open_with(&path, crate::options(&clock))
             .await
             .expect("the database opens");
-        let raw = SqliteConnectOptions::new()
-            .filename(&path)
-            .busy_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .expect("a second connection opens");
+        let raw = Connection::open(&path).expect("a second connection opens");
+        raw.busy_timeout(Duration::from_secs(10))
+            .expect("the busy timeout is set");
         Self {
             provider,
             raw,
@@ -100,62 +97,49 @@ const DAMAGES: [Damage; 7] = [
 
 impl Damage {
     /// Damages record `rowid` of `column`; returns its bytes as they were.
-    async fn apply(self, raw: &mut SqliteConnection, column: Column, rowid: i64) -> Vec<u8> {
-        let original: Vec<u8> = sqlx::query(column.read())
-            .bind(rowid)
-            .fetch_one(&mut *raw)
-            .await
-            .expect("the record exists")
-            .get(0);
+    fn apply(self, raw: &Connection, column: Column, rowid: i64) -> Vec<u8> {
+        let original: Vec<u8> = raw
+            .query_row(column.read(), [rowid], |row| row.get(0))
+            .expect("the record exists");
         let mut bytes = original.clone();
-        let query = sqlx::query(column.write());
-        let query = match self {
-            Self::Empty => query.bind(Vec::<u8>::new()),
-            Self::Truncated => query.bind(original[..original.len() / 2].to_vec()),
+        let damaged = match self {
+            Self::Empty => Value::Blob(Vec::new()),
+            Self::Truncated => Value::Blob(original[..original.len() / 2].to_vec()),
             Self::WrongVersion => {
                 bytes[0] = RECORD_VERSION + 1;
-                query.bind(bytes)
+                Value::Blob(bytes)
             }
             Self::TrailingByte => {
                 bytes.push(0);
-                query.bind(bytes)
+                Value::Blob(bytes)
             }
             // The right version, then a variant number no record type has.
-            Self::Garbage => query.bind(vec![RECORD_VERSION, 0xde, 0xad, 0xbe, 0xef, 0x0f, 0xff]),
-            Self::Text => query.bind("not a record"),
-            Self::Integer => query.bind(42_i64),
+            Self::Garbage => Value::Blob(vec![RECORD_VERSION, 0xde, 0xad, 0xbe, 0xef, 0x0f, 0xff]),
+            Self::Text => Value::Text("not a record".to_owned()),
+            Self::Integer => Value::Integer(42),
         };
-        let changed = query
-            .bind(rowid)
-            .execute(&mut *raw)
-            .await
-            .expect("the damage is written")
-            .rows_affected();
+        let changed = raw
+            .execute(column.write(), (damaged, rowid))
+            .expect("the damage is written");
         assert_eq!(changed, 1, "record {rowid} was damaged");
         original
     }
 }
 
 /// Writes `bytes` back into record `rowid` of `column`.
-async fn repair(raw: &mut SqliteConnection, column: Column, rowid: i64, bytes: Vec<u8>) {
-    sqlx::query(column.write())
-        .bind(bytes)
-        .bind(rowid)
-        .execute(&mut *raw)
-        .await
+fn repair(raw: &Connection, column: Column, rowid: i64, bytes: Vec<u8>) {
+    raw.execute(column.write(), (bytes, rowid))
         .expect("the repair is written");
 }
 
 /// The first column of `sql`'s rows, bound to `instance`.
-async fn rowids(raw: &mut SqliteConnection, sql: &'static str, instance: &InstanceId) -> Vec<i64> {
-    sqlx::query(sql)
-        .bind(instance.as_str())
-        .fetch_all(&mut *raw)
-        .await
+fn rowids(raw: &Connection, sql: &'static str, instance: &InstanceId) -> Vec<i64> {
+    let mut statement = raw.prepare(sql).expect("the query prepares");
+    statement
+        .query_map([instance.as_str()], |row| row.get(0))
         .expect("the rows are read")
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
+        .collect::<Result<_, _>>()
+        .expect("the rows are read")
 }
 
 fn fetched_ids(work: &[OrchestrationWork]) -> Vec<&str> {
@@ -180,7 +164,7 @@ async fn assert_set_aside(p: &SqliteProvider, instance: &InstanceId, names: &str
 /// at the next fetch; repaired and resumed, it gets all its messages.
 #[tokio::test]
 async fn an_undecodable_message_suspends_its_instance_and_spares_the_others() {
-    let mut s = Damaged::open().await;
+    let s = Damaged::open().await;
     let p = &s.provider;
     // Everything is in place before the damage (a fetch would find it early), the
     // damaged instances first in claim order.
@@ -199,8 +183,8 @@ async fn an_undecodable_message_suspends_its_instance_and_spares_the_others() {
     let mut bad = Vec::new();
     for (instance, damage) in instances.into_iter().zip(DAMAGES) {
         let sql = "SELECT id FROM messages WHERE instance = ?1 ORDER BY id";
-        let message = rowids(&mut s.raw, sql, &instance).await[1];
-        let original = damage.apply(&mut s.raw, Column::Message, message).await;
+        let message = rowids(&s.raw, sql, &instance)[1];
+        let original = damage.apply(&s.raw, Column::Message, message);
         bad.push((instance, message, original));
     }
 
@@ -232,7 +216,7 @@ async fn an_undecodable_message_suspends_its_instance_and_spares_the_others() {
 
     // Repaired and resumed: every message was kept, in order.
     for (instance, message, original) in bad.iter().cloned() {
-        repair(&mut s.raw, Column::Message, message, original).await;
+        repair(&s.raw, Column::Message, message, original);
         p.resume(&instance).await.expect("resume");
     }
     let work = fetch(p, 100).await;
@@ -246,7 +230,7 @@ async fn an_undecodable_message_suspends_its_instance_and_spares_the_others() {
 /// message is dropped, as its turn would have drained it, and the status stays.
 #[tokio::test]
 async fn an_undecodable_message_to_a_finished_instance_is_dropped() {
-    let mut s = Damaged::open().await;
+    let s = Damaged::open().await;
     let p = &s.provider;
     let done = running(p, "done").await;
     poke(p, &done).await;
@@ -258,17 +242,15 @@ async fn an_undecodable_message_to_a_finished_instance_is_dropped() {
     .await;
     send(p, &done, signal("late", 1)).await;
     let sql = "SELECT id FROM messages WHERE instance = ?1 ORDER BY id";
-    let message = rowids(&mut s.raw, sql, &done).await[0];
-    Damage::Garbage
-        .apply(&mut s.raw, Column::Message, message)
-        .await;
+    let message = rowids(&s.raw, sql, &done)[0];
+    Damage::Garbage.apply(&s.raw, Column::Message, message);
 
     assert!(fetch(p, 10).await.is_empty());
     let record = p.get_instance(&done).await.expect("get");
     assert_eq!(record.status, InstanceStatus::Completed);
     assert_eq!(record.status_reason, None);
     assert!(
-        rowids(&mut s.raw, sql, &done).await.is_empty(),
+        rowids(&s.raw, sql, &done).is_empty(),
         "the late message is gone"
     );
 }
@@ -277,17 +259,15 @@ async fn an_undecodable_message_to_a_finished_instance_is_dropped() {
 /// Pending again, since no turn of it was ever acked.
 #[tokio::test]
 async fn an_undecodable_start_suspends_a_new_instance_and_resume_leaves_it_pending() {
-    let mut s = Damaged::open().await;
+    let s = Damaged::open().await;
     let p = &s.provider;
     let instance = id("new");
     p.create_instance(new_instance("new"), OnConflict::Fail)
         .await
         .expect("create");
     let sql = "SELECT id FROM messages WHERE instance = ?1";
-    let start = rowids(&mut s.raw, sql, &instance).await[0];
-    Damage::Truncated
-        .apply(&mut s.raw, Column::Message, start)
-        .await;
+    let start = rowids(&s.raw, sql, &instance)[0];
+    Damage::Truncated.apply(&s.raw, Column::Message, start);
     assert!(fetch(p, 10).await.is_empty());
     assert_set_aside(p, &instance, &format!("message {start}")).await;
     p.resume(&instance).await.expect("resume");
@@ -299,7 +279,7 @@ async fn an_undecodable_start_suspends_a_new_instance_and_resume_leaves_it_pendi
 /// behind them: set-aside instances do not use up the batch.
 #[tokio::test]
 async fn damaged_instances_do_not_use_up_a_small_batch() {
-    let mut s = Damaged::open().await;
+    let s = Damaged::open().await;
     let p = &s.provider;
     let mut bad = Vec::new();
     for i in 0..3 {
@@ -311,10 +291,8 @@ async fn damaged_instances_do_not_use_up_a_small_batch() {
     }
     for instance in &bad {
         let sql = "SELECT id FROM messages WHERE instance = ?1";
-        let message = rowids(&mut s.raw, sql, instance).await[0];
-        Damage::Garbage
-            .apply(&mut s.raw, Column::Message, message)
-            .await;
+        let message = rowids(&s.raw, sql, instance)[0];
+        Damage::Garbage.apply(&s.raw, Column::Message, message);
     }
     let work = p
         .fetch_orchestrations(FetchOrchestrations {
@@ -336,7 +314,7 @@ async fn damaged_instances_do_not_use_up_a_small_batch() {
 /// instances are returned. A fetch without histories does not read it.
 #[tokio::test]
 async fn an_undecodable_history_event_suspends_its_instance_when_read() {
-    let mut s = Damaged::open().await;
+    let s = Damaged::open().await;
     let p = &s.provider;
     let at = provider_now(p).await;
     let mut bad = Vec::new();
@@ -351,8 +329,8 @@ async fn an_undecodable_history_event_suspends_its_instance_when_read() {
     }
     for (instance, damage) in bad.iter().zip(DAMAGES) {
         let sql = "SELECT rowid FROM history WHERE instance = ?1 ORDER BY seq";
-        let event = rowids(&mut s.raw, sql, instance).await[1];
-        damage.apply(&mut s.raw, Column::HistoryEvent, event).await;
+        let event = rowids(&s.raw, sql, instance)[1];
+        damage.apply(&s.raw, Column::HistoryEvent, event);
     }
     let history_error = "history event 1 of execution 1";
 
@@ -413,7 +391,7 @@ async fn an_undecodable_history_event_suspends_its_instance_when_read() {
 /// healthy one behind them.
 #[tokio::test]
 async fn an_undecodable_work_item_becomes_a_dead_letter_and_spares_the_others() {
-    let mut s = Damaged::open().await;
+    let s = Damaged::open().await;
     let p = &s.provider;
     let at = provider_now(p).await;
     let damaged = DAMAGES.len() as u64;
@@ -423,9 +401,9 @@ async fn an_undecodable_work_item_becomes_a_dead_letter_and_spares_the_others() 
     let a = schedule(p, "a", items).await;
     let b = schedule(p, "b", vec![activity("b", 1, "w", at)]).await;
     let sql = "SELECT id FROM work_items WHERE instance = ?1 ORDER BY op";
-    let ids = rowids(&mut s.raw, sql, &a).await;
+    let ids = rowids(&s.raw, sql, &a);
     for (damage, &item) in DAMAGES.into_iter().zip(&ids) {
-        damage.apply(&mut s.raw, Column::WorkItem, item).await;
+        damage.apply(&s.raw, Column::WorkItem, item);
     }
 
     let one = p
