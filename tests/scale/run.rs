@@ -18,7 +18,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::workload::Backend;
+use crate::workload::{Backend, ready_file};
+
+/// How long a worker process may take to start.
+const READY: Duration = Duration::from_secs(60);
 
 /// Milliseconds since the Unix epoch, the unit of the activity logs.
 pub(crate) fn unix_millis() -> u64 {
@@ -156,10 +159,10 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    /// Starts `workers` worker processes, numbered from 1, logging into `dir`, then the
-    /// client process.
-    pub(crate) fn start(backend: &Backend, dir: &Path, workers: u32) -> anyhow::Result<Self> {
-        let began = Instant::now();
+    /// Starts `workers` worker processes, numbered from 1, logging into `dir`, and once
+    /// they all run, the client process (so that every worker has its chance at the
+    /// work from the start).
+    pub(crate) async fn start(backend: &Backend, dir: &Path, workers: u32) -> anyhow::Result<Self> {
         let mut spawned = Vec::new();
         for id in 1..=workers {
             let log = dir.join(format!("worker-{id}.log"));
@@ -178,6 +181,19 @@ impl Run {
                 fate: Fate::Running,
             });
         }
+        let deadline = Instant::now() + READY;
+        for worker in &mut spawned {
+            while !ready_file(&worker.log).exists() {
+                worker.process.ensure_running()?;
+                ensure!(
+                    Instant::now() < deadline,
+                    "worker {} did not start within {READY:?}",
+                    worker.id
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let began = Instant::now();
         let client = Process::spawn(
             "the client".to_owned(),
             Command::new(env!("CARGO_BIN_EXE_scale_client"))
@@ -191,7 +207,7 @@ impl Run {
         })
     }
 
-    /// How long since the processes were started.
+    /// How long since the client was started.
     pub(crate) fn elapsed(&self) -> Duration {
         self.began.elapsed()
     }

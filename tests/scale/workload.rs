@@ -10,7 +10,7 @@
     reason = "compiled into the tests and both binaries; each uses a part"
 )]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,11 @@ const MODULUS: u64 = 1_000_000_007;
 
 /// The input of one activity: the workflow's number, the step's index, the value so far.
 pub(crate) type StepInput = (u64, u64, u64);
+
+/// The file a worker creates once it runs, next to its activity log.
+pub(crate) fn ready_file(log: &Path) -> PathBuf {
+    log.with_extension("ready")
+}
 
 /// The instance id of workflow `n`.
 pub(crate) fn instance_id(n: u64) -> String {

@@ -4,7 +4,8 @@
 //! `<worker> <instance> <op> <attempt> <unix ms>`, so the test can tell which worker
 //! ran what, and when.
 //!
-//! Usage: `scale_worker <worker id> <log file> <backend args...>`. SIGTERM stops it
+//! Usage: `scale_worker <worker id> <log file> <backend args...>`. It creates
+//! `<log file>` with the extension `ready` once it runs. SIGTERM stops it
 //! gracefully (running work finishes, up to the shutdown timeout) and it exits 0; it
 //! exits at once when its standard input closes, so a test that dies leaves no worker
 //! behind.
@@ -23,7 +24,9 @@ use tokio::sync::oneshot;
 #[path = "../../scale/workload.rs"]
 mod workload;
 
-use workload::{Backend, ORCHESTRATION, STEP, StepInput, scale, step_duration, step_value};
+use workload::{
+    Backend, ORCHESTRATION, STEP, StepInput, ready_file, scale, step_duration, step_value,
+};
 
 /// The activity: logs the attempt before working, so attempts cut short by a kill are
 /// counted too, then works for a while and computes its step.
@@ -78,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let stdin_closed = stdin_closed()?;
     let log = PathBuf::from(log);
+    let ready = ready_file(&log);
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -94,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await
         .context("starting the worker")?;
+    File::create(&ready).with_context(|| format!("creating {}", ready.display()))?;
     tokio::select! {
         _ = terminate.recv() => {
             let began = Instant::now();
