@@ -12,7 +12,7 @@ usage: keel-bench [--quick] [--backend LIST] [--workload LIST] [--runs N]
 
   --quick           small sizes, one run: finishes in under two minutes (CI's smoke test)
   --backend LIST    comma-separated: sqlite-full,sqlite-normal,postgres,postgres-redis
-                    (default: every backend available in this build)
+                    (default: every backend whose services answer)
   --workload LIST   comma-separated: linear-1,linear-3,linear-9,fanout-5,latency,
                     fanout-100,fanout-1000,fanout-10000,long-history,sleepers,signals,
                     or the groups linear, throughput, fanout (default: all; --quick
@@ -21,7 +21,9 @@ usage: keel-bench [--quick] [--backend LIST] [--workload LIST] [--runs N]
 
 Writes target/keel-bench/<timestamp>.json, latest.json and latest.svg; a full run of
 every workload also rewrites docs/benchmarks.md. PostgreSQL is found at
-$KEEL_BENCH_POSTGRES_URL (default `host=127.0.0.1 port=5432 user=postgres`).
+$KEEL_BENCH_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/postgres) and
+Redis at $KEEL_BENCH_REDIS_URL (default redis://127.0.0.1:6379); each run gets a fresh
+schema.
 ";
 
 /// The parsed command line.

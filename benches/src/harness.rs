@@ -28,21 +28,23 @@ pub(crate) async fn run(args: &Args, out: &Path) -> Result<Report> {
     } else {
         Sizes::full()
     };
-    let available = args
+    // Probed once, so the bar's length and the report agree.
+    let backends: Vec<(Backend, Option<String>)> = args
         .backends
         .iter()
-        .filter(|b| b.unavailable().is_none())
-        .count();
+        .map(|&b| (b, b.unavailable()))
+        .collect();
+    let available = backends.iter().filter(|(_, why)| why.is_none()).count();
     let total = available * args.runs * (args.workloads.len() + 1);
     let progress = Progress::new(total as u64);
 
-    let mut backends = Vec::new();
-    for &backend in &args.backends {
-        let report = match backend.unavailable() {
-            Some(reason) => unavailable(backend, reason, &scratch, &sizes, &progress).await,
+    let mut reports = Vec::new();
+    for (backend, why) in backends {
+        let report = match why {
+            Some(reason) => unavailable(backend, &reason, &progress),
             None => measure(backend, args, &sizes, &scratch, &progress).await,
         };
-        backends.push(report);
+        reports.push(report);
     }
     progress.finish();
     let _ = std::fs::remove_dir(&scratch);
@@ -54,7 +56,7 @@ pub(crate) async fn run(args: &Args, out: &Path) -> Result<Report> {
         runs: args.runs,
         machine: Machine::detect(),
         commit: report::git_commit(),
-        backends,
+        backends: reports,
         targets: Vec::new(),
         elapsed_s: 0.0,
     };
@@ -63,31 +65,14 @@ pub(crate) async fn run(args: &Args, out: &Path) -> Result<Report> {
     Ok(report)
 }
 
-/// A backend Keel cannot use yet: says so, with the database's own limit if the
-/// database answers, and no Keel figures.
-async fn unavailable(
-    backend: Backend,
-    reason: &str,
-    scratch: &Path,
-    sizes: &Sizes,
-    progress: &Progress,
-) -> BackendReport {
+/// A backend asked for whose services do not answer: says so, with no figures.
+fn unavailable(backend: Backend, reason: &str, progress: &Progress) -> BackendReport {
     progress.println(&format!("{backend}: {reason}"));
-    let mut limits = Series::new("limits");
-    match limits::measure(backend, scratch, sizes.limit_duration).await {
-        Ok(outcome) => limits.push(outcome),
-        Err(error) => limits.errors.push(format!("{error:#}")),
-    }
-    // The database being down is not this bench's failure while Keel cannot use it.
-    let note = match limits.errors.pop() {
-        Some(error) => format!("{reason}; database limit not measured: {error}"),
-        None => reason.to_owned(),
-    };
     BackendReport {
         name: backend.name().to_owned(),
         available: false,
-        note: Some(note),
-        limits: Some(limits).filter(|limits| !limits.runs.is_empty()),
+        note: Some(reason.to_owned()),
+        limits: None,
         workloads: Vec::new(),
     }
 }

@@ -47,7 +47,7 @@ fn run() -> Result<ExitCode> {
     if args.default_backends {
         for backend in backend::Backend::ALL {
             if let Some(reason) = backend.unavailable() {
-                eprintln!("{backend}: {reason} (skipped)");
+                eprintln!("{backend}: {reason}; skipped");
             }
         }
     }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 
 use crate::command::{cargo, run};
+use crate::services;
 
 /// The package and binary of the harness.
 const PACKAGE: &str = "keel-benches";
@@ -26,6 +27,12 @@ pub(crate) fn bench(root: &Path, args: &[OsString]) -> Result<()> {
         "bench: release build took {:.1} s",
         began.elapsed().as_secs_f64()
     );
+
+    // The PostgreSQL backends need their services; without them the harness skips
+    // those backends and says so, so a machine without PostgreSQL can still bench SQLite.
+    if let Err(error) = services::ensure() {
+        eprintln!("bench: {error:#}; the backends needing it will be skipped");
+    }
 
     let began = Instant::now();
     // `cargo run` again: the build is fresh, so this only starts the binary, and cargo

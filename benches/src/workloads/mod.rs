@@ -153,13 +153,13 @@ impl Sizes {
     pub(crate) fn quick() -> Self {
         Self {
             in_flight: 100,
-            warmup: Duration::from_millis(500),
-            window: Duration::from_secs(2),
+            warmup: Duration::from_millis(300),
+            window: Duration::from_secs(1),
             latency_samples: 100,
             signal_samples: 100,
-            long_history: 1_000,
-            sleepers: 5_000,
-            limit_duration: Duration::from_millis(700),
+            long_history: 500,
+            sleepers: 2_000,
+            limit_duration: Duration::from_millis(500),
         }
     }
 }

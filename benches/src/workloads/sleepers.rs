@@ -22,12 +22,16 @@ use crate::sys;
 /// Starts in flight at once during setup, so that the client is not the bottleneck.
 const STARTERS: u32 = 256;
 
-/// The setup rate the timer's due time allows for (starts plus first turns per
-/// second); a slower setup overruns the timer, which the report then says.
-const ASSUMED_SETUP_RATE: f64 = 4_000.0;
+/// The share of the sleepers first run as a calibration: started with a timer due at
+/// once, their rate (starts, first turns, wake-ups) sets how long setup is given.
+const CALIBRATION_SHARE: u32 = 20;
+
+/// Setup is given this many times the calibrated time, as the calibration ran with an
+/// emptier store; a slower setup overruns the timer, which the report then says.
+const HEADROOM: f64 = 1.5;
 
 /// Never less than this between the first start and the storm.
-const MIN_PARK: Duration = Duration::from_secs(3);
+const MIN_PARK: Duration = Duration::from_secs(1);
 
 /// How often setup and drain look at the store.
 const LOOK: Duration = Duration::from_millis(50);
@@ -75,9 +79,7 @@ async fn measure(
     progress: &Progress,
 ) -> Result<Outcome> {
     let mut outcome = Outcome::default();
-    let park = MIN_PARK.max(Duration::from_secs_f64(
-        f64::from(total) / ASSUMED_SETUP_RATE,
-    ));
+    let park = calibrate(client, woken, total).await?;
     let due_at = SystemTime::now() + park;
     let due_instant = Instant::now() + park;
     let due = Timestamp::from_system_time(due_at).as_millis();
@@ -86,29 +88,7 @@ async fn measure(
     // Setup: every start, then every first turn (its timer committed).
     let began = Instant::now();
     let meter = progress.meter("starting", u64::from(total));
-    let next = Arc::new(AtomicU32::new(0));
-    let mut starters = JoinSet::new();
-    for _ in 0..STARTERS.min(total) {
-        let client = client.clone();
-        let next = Arc::clone(&next);
-        let meter = meter.handle();
-        starters.spawn(async move {
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= total {
-                    return anyhow::Ok(());
-                }
-                client
-                    .start("sleeper", &(index, due))
-                    .id(format!("sleeper-{index}"))
-                    .await?;
-                meter.inc(1);
-            }
-        });
-    }
-    while let Some(started) = starters.join_next().await {
-        started??;
-    }
+    start_all(client, "sleeper", total, due, Some(meter.handle())).await?;
     drop(meter);
     let started = began.elapsed();
     let meter = progress.meter("parking", u64::from(total));
@@ -189,6 +169,63 @@ async fn measure(
     Ok(outcome)
 }
 
+/// Starts `count` sleepers `prefix-<index>` due at `due`, `STARTERS` at a time.
+async fn start_all(
+    client: &Client,
+    prefix: &'static str,
+    count: u32,
+    due: u64,
+    meter: Option<indicatif::ProgressBar>,
+) -> Result<()> {
+    let next = Arc::new(AtomicU32::new(0));
+    let mut starters = JoinSet::new();
+    for _ in 0..STARTERS.min(count) {
+        let client = client.clone();
+        let next = Arc::clone(&next);
+        let meter = meter.clone();
+        starters.spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= count {
+                    return anyhow::Ok(());
+                }
+                client
+                    .start("sleeper", &(index, due))
+                    .id(format!("{prefix}-{index}"))
+                    .await?;
+                if let Some(meter) = &meter {
+                    meter.inc(1);
+                }
+            }
+        });
+    }
+    while let Some(started) = starters.join_next().await {
+        started??;
+    }
+    Ok(())
+}
+
+/// Runs a share of the sleepers with timers due at once, and returns how long the
+/// real setup should be given. Leaves the wake-up count at zero.
+async fn calibrate(client: &Client, woken: &Woken, total: u32) -> Result<Duration> {
+    let count = (total / CALIBRATION_SHARE).max(1);
+    let began = Instant::now();
+    start_all(client, "calibration", count, 0, None).await?;
+    let deadline = began + WAIT;
+    while woken.count.load(Ordering::Relaxed) < count {
+        ensure!(
+            Instant::now() < deadline,
+            "the calibration sleepers did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let per_sleeper = began.elapsed().as_secs_f64() / f64::from(count);
+    woken.count.store(0, Ordering::Relaxed);
+    Ok(MIN_PARK.max(Duration::from_secs_f64(
+        per_sleeper * f64::from(total) * HEADROOM,
+    )))
+}
+
 /// Every sleeper completed with its own index.
 async fn check_results(client: &Client, total: u32) -> Result<()> {
     let query = InstanceQuery {
@@ -200,6 +237,9 @@ async fn check_results(client: &Client, total: u32) -> Result<()> {
     loop {
         let listed = client.list(query.clone(), page.clone()).await?;
         for info in &listed.items {
+            if info.id().as_ref().starts_with("calibration-") {
+                continue;
+            }
             ensure!(
                 info.status() == InstanceStatus::Completed,
                 "{} is {:?}",
