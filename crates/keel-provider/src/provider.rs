@@ -186,9 +186,10 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
 
     /// Waits until work of `kind` may have become visible, or `timeout` passes: returns
     /// early when this provider enqueues such work (or learns of it from the database),
-    /// and when a delayed item comes due. Callers fetch before they wait: work already
-    /// visible but locked or paused does not end the wait, so idle dispatchers do not
-    /// spin. A lost wake-up delays work, never loses it.
+    /// and when a delayed item comes due. Callers fetch before they wait: work enqueued
+    /// since the last fetch of `kind` began ends the wait at once, even when it came
+    /// before the wait did; work already visible but locked or paused does not, so idle
+    /// dispatchers do not spin. A lost wake-up delays work, never loses it.
     async fn wait_for_work(&self, kind: WorkKind, timeout: Duration) -> Result<()>;
 
     /// When the next invisible item of `kind` becomes visible, if any is queued.

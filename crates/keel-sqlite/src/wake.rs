@@ -26,6 +26,11 @@ pub(crate) struct Wake {
     /// could not see: a waiter returns for it at once.
     fetched_orchestrations: AtomicU64,
     fetched_activities: AtomicU64,
+    /// How many commits enqueued work of each kind, and that count as the last fetch
+    /// began: a commit between a fetch and the following wait (whose notify found no
+    /// waiter yet) ends that wait at once instead of being lost.
+    enqueued: [AtomicU64; 2],
+    seen: [AtomicU64; 2],
 }
 
 impl Wake {
@@ -41,6 +46,14 @@ impl Wake {
     pub(crate) fn fetched(&self, kind: WorkKind, at: Timestamp) {
         self.last_fetch(kind)
             .fetch_max(at.as_millis(), Ordering::Relaxed);
+        let enqueued = self.enqueued[index(kind)].load(Ordering::SeqCst);
+        self.seen[index(kind)].fetch_max(enqueued, Ordering::SeqCst);
+    }
+
+    /// Whether work of `kind` was enqueued since the last fetch began.
+    fn enqueued_since_fetch(&self, kind: WorkKind) -> bool {
+        self.enqueued[index(kind)].load(Ordering::SeqCst)
+            > self.seen[index(kind)].load(Ordering::SeqCst)
     }
 
     fn last_fetch(&self, kind: WorkKind) -> &AtomicU64 {
@@ -53,7 +66,15 @@ impl Wake {
     /// Wakes everyone waiting on `kind` now. No permit is stored: a waiter that comes
     /// later first looks at the queue itself, and a lost wake-up only delays work.
     pub(crate) fn notify(&self, kind: WorkKind) {
+        self.enqueued[index(kind)].fetch_add(1, Ordering::SeqCst);
         self.of(kind).notify_waiters();
+    }
+}
+
+fn index(kind: WorkKind) -> usize {
+    match kind {
+        WorkKind::Orchestrations => 0,
+        WorkKind::Activities => 1,
     }
 }
 
@@ -75,6 +96,9 @@ pub(crate) async fn wait_for_work(
     // Registered before reading the queue, so a commit between the read and the wait
     // still wakes us.
     notified.as_mut().enable();
+    if wake.enqueued_since_fetch(kind) {
+        return Ok(());
+    }
     let since = Timestamp::from_millis(wake.last_fetch(kind).load(Ordering::Relaxed));
     let due = due_after(p, kind, since).await?;
     loop {

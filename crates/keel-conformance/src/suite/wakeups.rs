@@ -10,7 +10,8 @@ use keel_provider::{ActivityRetry, OnConflict, Provider, WorkKind};
 
 use crate::TestStore;
 use crate::fixtures::{
-    activity, complete, lease, new_instance, payload, provider_now, running, schedule, signal,
+    activity, complete, fetch, lease, new_instance, payload, provider_now, running, schedule,
+    signal,
 };
 
 #[doc(hidden)]
@@ -23,6 +24,7 @@ macro_rules! __conformance_wakeups {
             [
                 wait_for_work_returns_at_its_timeout_when_nothing_happens,
                 wait_for_work_wakes_when_an_instance_is_created,
+                work_enqueued_between_a_fetch_and_the_wait_ends_the_wait,
                 wait_for_work_wakes_when_a_message_is_sent,
                 wait_for_work_wakes_when_an_activity_is_enqueued,
                 wait_for_work_wakes_when_an_activity_outcome_is_enqueued,
@@ -91,6 +93,31 @@ pub async fn wait_for_work_wakes_when_an_instance_is_created(store: TestStore) {
         },
     )
     .await;
+}
+
+/// Work enqueued after a fetch found nothing but before the caller began to wait (its
+/// wake-up found no waiter) still ends the wait at once: the wake-up is not lost.
+pub async fn work_enqueued_between_a_fetch_and_the_wait_ends_the_wait(store: TestStore) {
+    let p = &*store.provider;
+    assert!(fetch(p, 10).await.is_empty(), "the store starts empty");
+    p.create_instance(new_instance("a"), OnConflict::Fail)
+        .await
+        .expect("create");
+    // Long enough for any notification to have arrived before the wait begins.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    tokio::time::timeout(
+        LONG + EARLY,
+        p.wait_for_work(WorkKind::Orchestrations, LONG),
+    )
+    .await
+    .expect("wait_for_work honours its timeout")
+    .expect("wait_for_work succeeds");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < EARLY,
+        "an instance created after the last fetch should end the wait at once, took {elapsed:?}"
+    );
 }
 
 /// A wait for orchestration work returns early when a message is sent.
