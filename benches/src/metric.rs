@@ -87,8 +87,13 @@ pub(crate) mod key {
     pub(crate) const LAST_OVER_FIRST: &str = "last_over_first";
     /// How many workflows (or activities) the workload had.
     pub(crate) const SIZE: &str = "size";
+    /// Resident memory before the workload began: what earlier workloads in this
+    /// process left behind (the allocator keeps freed memory).
+    pub(crate) const BASELINE_RSS_MB: &str = "baseline_rss_mb";
     /// Time to start every sleeper and see it parked.
     pub(crate) const SETUP_S: &str = "setup_s";
+    /// The part of the setup spent starting the sleepers (the rest is first turns).
+    pub(crate) const STARTS_S: &str = "starts_s";
     /// Resident memory while every sleeper is parked.
     pub(crate) const PARKED_RSS_MB: &str = "parked_rss_mb";
     /// Time for all due timers to complete their workflows.

@@ -125,11 +125,15 @@ const WORKLOADS: &str = "
 - `sleepers`: 100,000 workflows started 256 at a time, each parked in a durable timer
   due at the same instant; setup runs until every timer is committed; resident memory
   while parked (`VmRSS`); then the time from the due instant until the last workflow
-  has completed.
+  has completed. The due instant is set from a calibration run of 5% of the sleepers
+  (timers due at once), with 1.5x headroom; a setup that still overruns it is noted.
 - `signals`: one workflow waits for a signal, runs an activity, and waits again; the
   round trip from `client.signal` to that activity starting, 500 samples.
 
 Every workflow's result is checked; a wrong or missing result fails the run. The
 worker runs in the bench process with `WorkerOptions::default()` (queue-depth sampling
-off), so RSS figures are the worker's plus the harness's small share.
+off), so RSS figures are the worker's plus the harness's small share, and also what
+the allocator kept from earlier workloads of the same invocation: `RSS before` shows
+that share. For memory figures of one workload alone, run it alone
+(`cargo xtask bench --workload sleepers`).
 ";

@@ -101,6 +101,8 @@ fn label(key: &str) -> &str {
         key::SIZE => "size",
         key::SETUP_S => "setup",
         key::PARKED_RSS_MB => "parked RSS",
+        key::STARTS_S => "of which starts",
+        key::BASELINE_RSS_MB => "RSS before",
         key::STORM_S => "storm",
         key::TIMERS_PER_S => "timers",
         key::SINGLE_ROW_COMMITS_PER_S => "single-row commits",
@@ -110,7 +112,7 @@ fn label(key: &str) -> &str {
 }
 
 /// The order values are shown in: the headline first.
-const ORDER: [&str; 22] = [
+const ORDER: [&str; 24] = [
     key::SIZE,
     key::STEPS_PER_S,
     key::STEPS_PER_COMMIT,
@@ -124,10 +126,12 @@ const ORDER: [&str; 22] = [
     key::SCHEDULE_TO_START_P99_MS,
     key::COMPLETE_S,
     key::PEAK_RSS_MB,
+    key::BASELINE_RSS_MB,
     key::FIRST_100_MS,
     key::LAST_100_MS,
     key::LAST_OVER_FIRST,
     key::SETUP_S,
+    key::STARTS_S,
     key::PARKED_RSS_MB,
     key::STORM_S,
     key::TIMERS_PER_S,

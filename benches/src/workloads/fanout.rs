@@ -20,6 +20,7 @@ pub(super) async fn run(store: &Store, width: u32) -> Result<Outcome> {
         .await?;
     let client = keel.client();
     let width = u64::from(width);
+    let baseline = sys::memory();
     let peak_reset = sys::reset_peak();
     let began = Instant::now();
     let id = client.start("fanout", &width).id("fanout").await?;
@@ -49,6 +50,13 @@ pub(super) async fn run(store: &Store, width: u32) -> Result<Outcome> {
             key::PEAK_RSS_MB,
             Unit::Megabytes,
             sys::megabytes(memory.peak),
+        );
+    }
+    if let Some(baseline) = baseline {
+        outcome.set(
+            key::BASELINE_RSS_MB,
+            Unit::Megabytes,
+            sys::megabytes(baseline.rss),
         );
     }
     if !peak_reset {
