@@ -14,7 +14,7 @@ mod worker;
 
 pub use activity::{Activity, ActivityContext, ActivityFuture, TypedActivity, activity_fn};
 pub use error::{Error, Result};
-pub use notifier::Notifier;
+pub use notifier::{Notifier, Watch};
 pub use options::WorkerOptions;
 pub use registry::Registry;
 pub use tokio_util::sync::CancellationToken;

@@ -149,9 +149,10 @@ impl Client {
     ) -> Result<O> {
         let deadline = Instant::now() + timeout;
         let mut poll = FIRST_POLL;
+        let watch = self.inner.notifier.watch(instance);
         loop {
             // Registered before the status is read, so an end in between is not missed.
-            let mut finished = pin!(self.inner.notifier.next_finished());
+            let mut finished = pin!(watch.next_end());
             finished.as_mut().enable();
             let info = self.status(instance).await?;
             match info.record.status {
