@@ -9,8 +9,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-use sqlx::{ConnectOptions as _, Connection as _};
 
 use crate::backend::{self, Backend};
 use crate::metric::{Outcome, Unit, key};
@@ -33,35 +31,45 @@ pub(crate) async fn measure(
     }
 }
 
-/// Both figures from a fresh SQLite file opened with keel-sqlite's writer pragmas.
+/// Both figures from a fresh SQLite file opened with keel-sqlite's writer pragmas,
+/// through rusqlite on a thread of its own, as keel-sqlite's writer runs.
 async fn sqlite(backend: Backend, scratch: &Path, duration: Duration) -> Result<Outcome> {
     let path = scratch.join(format!("{}-limits.db", backend.name()));
     backend::remove_database(&path)?;
-    let mut options = SqliteConnectOptions::new()
-        .filename(&path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(5))
-        .foreign_keys(false);
-    options = match backend.synchronous() {
-        Some(keel::sqlite::Synchronous::Normal) => {
-            options.synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-        }
-        _ => options.synchronous(sqlx::sqlite::SqliteSynchronous::Full),
+    let synchronous = match backend.synchronous() {
+        Some(keel::sqlite::Synchronous::Normal) => "NORMAL",
+        _ => "FULL",
     };
-    let mut conn = options.connect().await.context("could not open SQLite")?;
-    sqlx::query("CREATE TABLE rows (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
-        .execute(&mut conn)
-        .await?;
-    let insert = "INSERT INTO rows (payload) VALUES (?)";
+    let measured = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || sqlite_rates(&path, synchronous, duration))
+            .await
+            .context("the SQLite measurement panicked")??
+    };
+    backend::remove_database(&path)?;
+    let (single, batched) = measured;
+    let mut outcome = Outcome::default();
+    outcome
+        .set(key::SINGLE_ROW_COMMITS_PER_S, Unit::PerSecond, single)
+        .set(key::BATCHED_ROWS_PER_S, Unit::PerSecond, batched);
+    Ok(outcome)
+}
+
+/// Single-row commits per second, then rows per second in `BATCH`-row transactions.
+fn sqlite_rates(path: &Path, synchronous: &str, duration: Duration) -> Result<(f64, f64)> {
+    let mut conn = rusqlite::Connection::open(path).context("could not open SQLite")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
+         PRAGMA foreign_keys = OFF; \
+         CREATE TABLE rows (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);"
+    ))?;
+    let insert = "INSERT INTO rows (payload) VALUES (?1)";
 
     let began = Instant::now();
     let mut commits = 0u64;
     while began.elapsed() < duration {
-        sqlx::query(insert)
-            .bind(&PAYLOAD[..])
-            .execute(&mut conn)
-            .await?;
+        conn.prepare_cached(insert)?.execute([&PAYLOAD[..]])?;
         commits += 1;
     }
     let single = rate(commits, began.elapsed());
@@ -69,25 +77,15 @@ async fn sqlite(backend: Backend, scratch: &Path, duration: Duration) -> Result<
     let began = Instant::now();
     let mut rows = 0u64;
     while began.elapsed() < duration {
-        let mut tx = conn.begin().await?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for _ in 0..BATCH {
-            sqlx::query(insert)
-                .bind(&PAYLOAD[..])
-                .execute(&mut *tx)
-                .await?;
+            tx.prepare_cached(insert)?.execute([&PAYLOAD[..]])?;
         }
-        tx.commit().await?;
+        tx.commit()?;
         rows += BATCH as u64;
     }
     let batched = rate(rows, began.elapsed());
-
-    conn.close().await?;
-    backend::remove_database(&path)?;
-    let mut outcome = Outcome::default();
-    outcome
-        .set(key::SINGLE_ROW_COMMITS_PER_S, Unit::PerSecond, single)
-        .set(key::BATCHED_ROWS_PER_S, Unit::PerSecond, batched);
-    Ok(outcome)
+    Ok((single, batched))
 }
 
 /// Both figures from PostgreSQL through tokio-postgres, in a table of our own. Not a

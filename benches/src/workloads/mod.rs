@@ -116,7 +116,8 @@ impl fmt::Display for Workload {
 /// How big each workload is: the sizes, or small ones for `--quick`.
 #[derive(Debug, Clone)]
 pub(crate) struct Sizes {
-    /// Workflows kept in flight by the throughput workloads.
+    /// Workflows kept in flight by the throughput workloads: enough for the worker to
+    /// fill its batches, as a busy deployment does.
     pub(crate) in_flight: usize,
     /// Throughput runs before the measurement window opens.
     pub(crate) warmup: Duration,
@@ -138,7 +139,7 @@ impl Sizes {
     /// The sizes.
     pub(crate) fn full() -> Self {
         Self {
-            in_flight: 100,
+            in_flight: 500,
             warmup: Duration::from_secs(2),
             window: Duration::from_secs(8),
             latency_samples: 500,
@@ -152,7 +153,7 @@ impl Sizes {
     /// Sizes that make a whole run finish in well under two minutes.
     pub(crate) fn quick() -> Self {
         Self {
-            in_flight: 100,
+            in_flight: 500,
             warmup: Duration::from_millis(300),
             window: Duration::from_secs(1),
             latency_samples: 100,
