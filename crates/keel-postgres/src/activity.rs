@@ -9,6 +9,7 @@ use keel_provider::{
     ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, ProviderError, Result, WorkKind,
 };
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use crate::convert::{
     check_size, col, duration_millis, execution_col, from_bits, int, record, small, timestamp,
@@ -62,38 +63,55 @@ impl PreparedItems {
     pub(crate) fn is_empty(&self) -> bool {
         self.body.is_empty()
     }
+
+    /// Adds copies of `other`'s items after these.
+    pub(crate) fn extend(&mut self, other: &Self) {
+        self.instance.extend_from_slice(&other.instance);
+        self.execution.extend_from_slice(&other.execution);
+        self.op.extend_from_slice(&other.op);
+        self.name.extend_from_slice(&other.name);
+        self.queue.extend_from_slice(&other.queue);
+        self.priority.extend_from_slice(&other.priority);
+        self.attempt.extend_from_slice(&other.attempt);
+        self.body.extend_from_slice(&other.body);
+    }
+
+    /// The parameters of [`INSERT_ITEMS`].
+    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.instance,
+            &self.execution,
+            &self.op,
+            &self.name,
+            &self.queue,
+            &self.priority,
+            &self.attempt,
+            &self.body,
+        ]
+    }
 }
 
 /// Enqueues prepared items, visible now, in order. Ids come from the sequence first,
-/// so that the narrow queue row and its body are inserted by one statement.
+/// so that the narrow queue row and its body are inserted by one statement. The
+/// parameters are [`PreparedItems::params`].
+pub(crate) const INSERT_ITEMS: &str = "\
+WITH src AS MATERIALIZED ( \
+  SELECT nextval('work_item_ids') AS id, u.* FROM unnest($1::text[], $2::integer[], \
+    $3::bigint[], $4::text[], $5::text[], $6::integer[], $7::integer[], $8::bytea[]) \
+    WITH ORDINALITY AS u (instance, execution, op, name, queue, priority, attempt, \
+    body, n) ORDER BY u.n), \
+items AS (INSERT INTO work_items (id, instance, execution, op, name, queue, priority, \
+  attempt, visible_at, created_at) \
+  SELECT id, instance, execution, op, name, queue, priority, attempt, keel_now(), \
+    keel_now() FROM src ORDER BY n) \
+INSERT INTO work_item_bodies (item, body) SELECT id, body FROM src";
+
+/// Enqueues prepared items, visible now, in order.
 pub(crate) async fn insert_items<C: GenericClient>(
     client: &C,
     items: &PreparedItems,
 ) -> Result<()> {
-    execute(
-        client,
-        "WITH src AS MATERIALIZED ( \
-           SELECT nextval('work_item_ids') AS id, u.* FROM unnest($1::text[], $2::integer[], \
-             $3::bigint[], $4::text[], $5::text[], $6::integer[], $7::integer[], $8::bytea[]) \
-             WITH ORDINALITY AS u (instance, execution, op, name, queue, priority, attempt, \
-             body, n) ORDER BY u.n), \
-         items AS (INSERT INTO work_items (id, instance, execution, op, name, queue, priority, \
-           attempt, visible_at, created_at) \
-           SELECT id, instance, execution, op, name, queue, priority, attempt, keel_now(), \
-             keel_now() FROM src ORDER BY n) \
-         INSERT INTO work_item_bodies (item, body) SELECT id, body FROM src",
-        &[
-            &items.instance,
-            &items.execution,
-            &items.op,
-            &items.name,
-            &items.queue,
-            &items.priority,
-            &items.attempt,
-            &items.body,
-        ],
-    )
-    .await?;
+    execute(client, INSERT_ITEMS, &items.params()).await?;
     Ok(())
 }
 

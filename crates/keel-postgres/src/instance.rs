@@ -10,6 +10,7 @@ use keel_provider::{
     Created, Cursor, InstanceQuery, InstanceRecord, NewInstance, OnConflict, Page, PageRequest,
     ProviderError, PurgeFilter, QueueDepths, Result,
 };
+use tokio_postgres::types::ToSql;
 
 use crate::convert::{
     check_size, col, count, execution as stored_execution, execution_col, instance_columns,
@@ -123,6 +124,103 @@ pub(crate) async fn insert<C: GenericClient>(
     .await?;
     Ok(col::<i64>(&row, 0)? > 0)
 }
+
+/// Instances ready to insert together (the children of a batch of turns), as the
+/// columns of one `unnest`; each tag names its instance by position (from 1).
+#[derive(Debug, Default)]
+pub(crate) struct PreparedInstances<'a> {
+    id: Vec<&'a str>,
+    name: Vec<&'a str>,
+    version: Vec<Option<i32>>,
+    queue: Vec<&'a str>,
+    priority: Vec<i32>,
+    parent: Vec<Option<&'a str>>,
+    parent_execution: Vec<Option<i32>>,
+    parent_op: Vec<Option<i64>>,
+    input: Vec<&'a [u8]>,
+    tags_blob: Vec<&'a [u8]>,
+    start_at: Vec<Option<i64>>,
+    start: Vec<&'a [u8]>,
+    tag_of: Vec<i64>,
+    tag_key: Vec<&'a str>,
+    tag_value: Vec<&'a str>,
+}
+
+impl<'a> PreparedInstances<'a> {
+    pub(crate) fn push(&mut self, instance: &'a PreparedInstance) {
+        self.id.push(instance.id.as_str());
+        self.name.push(&instance.name);
+        self.version.push(instance.version);
+        self.queue.push(&instance.queue);
+        self.priority.push(instance.priority);
+        self.parent.push(instance.parent.as_deref());
+        self.parent_execution.push(instance.parent_execution);
+        self.parent_op.push(instance.parent_op);
+        self.input.push(&instance.input);
+        self.tags_blob.push(&instance.tags_blob);
+        self.start_at.push(instance.start_at);
+        self.start.push(&instance.start);
+        let position = count(self.id.len() as u64);
+        for (key, value) in instance.tag_keys.iter().zip(&instance.tag_values) {
+            self.tag_of.push(position);
+            self.tag_key.push(key);
+            self.tag_value.push(value);
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.id.is_empty()
+    }
+
+    /// The parameters of [`INSERT_MANY`].
+    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+        [
+            &self.id,
+            &self.name,
+            &self.version,
+            &self.queue,
+            &self.priority,
+            &self.parent,
+            &self.parent_execution,
+            &self.parent_op,
+            &self.input,
+            &self.tags_blob,
+            &self.start_at,
+            &self.start,
+            &self.tag_of,
+            &self.tag_key,
+            &self.tag_value,
+        ]
+    }
+}
+
+/// Inserts many instances, each with its payloads, tags and start message, in one
+/// statement, skipping ids that exist (or came earlier in the arrays): [`INSERT`] for
+/// a batch.
+pub(crate) const INSERT_MANY: &str = "\
+WITH src AS ( \
+  SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::text[], $5::integer[], \
+    $6::text[], $7::integer[], $8::bigint[], $9::bytea[], $10::bytea[], $11::bigint[], \
+    $12::bytea[]) WITH ORDINALITY AS s (id, name, version, queue, priority, parent, \
+    parent_execution, parent_op, input, tags, start_at, start, n)), \
+ins AS ( \
+  INSERT INTO instances (id, name, version, status, execution, queue, priority, \
+    parent_instance, parent_execution, parent_op, created_at, updated_at) \
+  SELECT id, name, version, 'pending', 1, queue, priority, parent, parent_execution, \
+    parent_op, keel_now(), keel_now() FROM src ORDER BY n \
+  ON CONFLICT (id) DO NOTHING RETURNING id), \
+new AS (SELECT DISTINCT ON (s.id) s.* FROM src s JOIN ins ON ins.id = s.id \
+  ORDER BY s.id, s.n), \
+pay AS (INSERT INTO instance_payloads (instance, input, tags) \
+  SELECT id, input, tags FROM new), \
+tag AS (INSERT INTO instance_tags (instance, key, value) \
+  SELECT new.id, t.key, t.value FROM new \
+  JOIN unnest($13::bigint[], $14::text[], $15::text[]) AS t (child, key, value) \
+    ON t.child = new.n), \
+msg AS (INSERT INTO messages (instance, priority, visible_at, enqueued_at, body) \
+  SELECT id, priority, COALESCE(start_at, keel_now()), keel_now(), start FROM new \
+  ORDER BY n) \
+SELECT count(*) FROM ins";
 
 /// Enqueues encoded messages for `instance`, visible at `visible_at` (now when none);
 /// returns whether the instance exists (nothing is stored when it does not).

@@ -1,15 +1,15 @@
 //! Leased work items: renewing, completing, retrying and abandoning a lease.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
 use keel_core::{Message, encode_record};
 use keel_provider::{
     ActivityCompletion, ActivityRetry, ErrorKind, LeaseToken, ProviderError, Result,
 };
 
-use crate::convert::{check_size, col, duration_millis, execution, int, op, u64_bits};
-use crate::error::db;
+use crate::convert::{check_size, col, count, duration_millis, execution, int, op, u64_bits};
 use crate::provider::PostgresProvider;
 use crate::statement::{query, query_opt};
 
@@ -65,24 +65,31 @@ struct PreparedCompletion {
     failure: Option<Vec<u8>>,
 }
 
-/// Completes one leased item in one statement: while the lease is held and the item
-/// not cancelled, enqueues the outcome (and the dead letter of a failure); deletes the
-/// item if the lease is held or it was cancelled. No row back means the lease is
-/// stale, and then nothing matched at all.
+/// Completes leased items in one statement: for each item whose lease is held (or that
+/// was cancelled), the first completion of it in the arrays enqueues its outcome (and
+/// the dead letter of a failure) unless it was cancelled, and deletes it. Returns the
+/// positions (from 1) of the completions that matched: the others are stale, and
+/// nothing matched them at all. Items are locked in id order, so that concurrent
+/// completions lock in one order.
 const COMPLETE: &str = "\
-WITH item AS ( \
-  SELECT id, instance, execution, op, name, attempt, cancelled FROM work_items \
-  WHERE id = $1 AND lease_token = $2 AND (visible_at > keel_now() OR cancelled) FOR UPDATE), \
+WITH c AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) \
+  WITH ORDINALITY AS c (id, token, message, failure, n)), \
+locked AS ( \
+  SELECT w.id, w.instance, w.execution, w.op, w.name, w.attempt, w.cancelled, c.message, \
+    c.failure, c.n \
+  FROM work_items w JOIN c ON w.id = c.id AND w.lease_token = c.token \
+  WHERE w.visible_at > keel_now() OR w.cancelled ORDER BY w.id FOR UPDATE OF w), \
+item AS (SELECT DISTINCT ON (id) * FROM locked ORDER BY id, n), \
 msg AS (INSERT INTO messages (instance, priority, visible_at, enqueued_at, body) \
-  SELECT w.instance, i.priority, keel_now(), keel_now(), $3 \
-  FROM item w JOIN instances i ON i.id = w.instance WHERE NOT w.cancelled), \
+  SELECT w.instance, i.priority, keel_now(), keel_now(), w.message \
+  FROM item w JOIN instances i ON i.id = w.instance WHERE NOT w.cancelled ORDER BY w.n), \
 dead AS (INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, item, \
     recorded_at) \
-  SELECT w.instance, w.execution, w.op, w.name, w.attempt, $4, b.body, keel_now() \
+  SELECT w.instance, w.execution, w.op, w.name, w.attempt, w.failure, b.body, keel_now() \
   FROM item w JOIN work_item_bodies b ON b.item = w.id \
-  WHERE $4::bytea IS NOT NULL AND NOT w.cancelled), \
+  WHERE w.failure IS NOT NULL AND NOT w.cancelled ORDER BY w.n), \
 gone AS (DELETE FROM work_items WHERE id IN (SELECT id FROM item)) \
-SELECT cancelled FROM item";
+SELECT n FROM item";
 
 pub(crate) async fn complete(
     p: &PostgresProvider,
@@ -92,9 +99,9 @@ pub(crate) async fn complete(
         return Ok(Vec::new());
     }
     let limit = p.capabilities_ref().max_record_bytes;
-    let mut client = p.client().await?;
+    let client = p.client().await?;
     // An item's instance, execution and op never change: read them first, so that the
-    // outcome messages are encoded and checked before the transaction begins.
+    // outcome messages are encoded and checked before anything is written.
     let ids: Vec<i64> = completions
         .iter()
         .map(|c| u64_bits(c.lease.item()))
@@ -118,53 +125,73 @@ pub(crate) async fn complete(
     }
     let mut results = Vec::with_capacity(completions.len());
     let mut prepared = Vec::with_capacity(completions.len());
-    for completion in completions {
+    for (i, completion) in completions.into_iter().enumerate() {
         let item = items.get(&u64_bits(completion.lease.item()));
         match prepare(completion, item, limit) {
             Ok(completion) => {
-                prepared.push(Some(completion));
+                prepared.push((i, completion));
                 results.push(Ok(()));
             }
-            Err(error) => {
-                prepared.push(None);
-                results.push(Err(error));
-            }
+            Err(error) => results.push(Err(error)),
         }
     }
-    if prepared.iter().all(Option::is_none) {
+    if prepared.is_empty() {
         return Ok(results);
     }
-    let mut tx = client.transaction().await.map_err(db)?;
-    for (completion, result) in prepared.iter().zip(results.iter_mut()) {
-        let Some(completion) = completion else {
-            continue;
-        };
-        let savepoint = tx.savepoint("keel_complete").await.map_err(db)?;
-        let done = query_opt(
-            &savepoint,
-            COMPLETE,
-            &[
-                &u64_bits(completion.lease.item()),
-                &u64_bits(completion.lease.token()),
-                &completion.message,
-                &completion.failure,
-            ],
-        )
-        .await;
-        match done {
-            Ok(Some(_)) => savepoint.commit().await.map_err(db)?,
-            Ok(None) => {
-                savepoint.rollback().await.map_err(db)?;
-                *result = Err(stale(&completion.lease));
-            }
-            Err(error) => {
-                savepoint.rollback().await.map_err(db)?;
-                *result = Err(error);
+    let batch: Vec<(usize, &PreparedCompletion)> = prepared.iter().map(|(i, c)| (*i, c)).collect();
+    match complete_batch(&client, &batch).await {
+        Ok(verdicts) => {
+            for ((i, _), verdict) in batch.iter().zip(verdicts) {
+                results[*i] = verdict;
             }
         }
+        Err(error) if batch.len() > 1 && !error.is_retryable() => {
+            // Nothing was written. Alone, each completion commits or fails by itself.
+            tracing::warn!(%error, completions = batch.len(), "a batch of completions failed: completing one by one");
+            for &(i, completion) in &batch {
+                results[i] = match complete_batch(&client, &[(i, completion)]).await {
+                    Ok(mut verdicts) => verdicts.pop().unwrap_or(Ok(())),
+                    Err(error) => Err(error),
+                };
+            }
+        }
+        Err(error) => return Err(error),
     }
-    tx.commit().await.map_err(db)?;
     Ok(results)
+}
+
+/// Completes a batch in one statement (atomic on its own); returns one verdict per
+/// completion, in order. An error means nothing was written.
+async fn complete_batch<C: GenericClient>(
+    client: &C,
+    batch: &[(usize, &PreparedCompletion)],
+) -> Result<Vec<Result<()>>> {
+    let items: Vec<i64> = batch
+        .iter()
+        .map(|(_, c)| u64_bits(c.lease.item()))
+        .collect();
+    let tokens: Vec<i64> = batch
+        .iter()
+        .map(|(_, c)| u64_bits(c.lease.token()))
+        .collect();
+    let messages: Vec<&[u8]> = batch.iter().map(|(_, c)| c.message.as_slice()).collect();
+    let failures: Vec<Option<&[u8]>> = batch.iter().map(|(_, c)| c.failure.as_deref()).collect();
+    let rows = query(client, COMPLETE, &[&items, &tokens, &messages, &failures]).await?;
+    let mut done = HashSet::with_capacity(rows.len());
+    for row in &rows {
+        done.insert(col::<i64>(row, 0)?);
+    }
+    Ok(batch
+        .iter()
+        .enumerate()
+        .map(|(n, (_, completion))| {
+            if done.contains(&count(n as u64 + 1)) {
+                Ok(())
+            } else {
+                Err(stale(&completion.lease))
+            }
+        })
+        .collect())
 }
 
 fn prepare(
