@@ -36,3 +36,19 @@ pub fn test_options() -> WorkerOptions {
         .shutdown_timeout(Duration::from_secs(5))
         .queue_depth_interval(None)
 }
+
+/// Resolves once standard input reaches its end. The worker and client programs the
+/// process tests spawn watch it: the test holds the other end, so they exit when the
+/// test closes it or dies, and no orphan outlives a failed test.
+pub fn stdin_closed() -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    use std::io::Read as _;
+    let (closed, on_close) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            let _ = closed.send(());
+        })?;
+    Ok(on_close)
+}

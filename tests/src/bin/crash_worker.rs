@@ -7,13 +7,12 @@
 //! when its standard input closes, so a test that dies leaves no worker behind.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use keel::prelude::*;
-use tokio::sync::oneshot;
 
 #[path = "../../crash/workload.rs"]
 mod workload;
@@ -42,21 +41,6 @@ async fn step(
     Ok(step_value(input))
 }
 
-/// Resolves once standard input reaches its end: the test holds the other end, so this
-/// happens when the test closes it or dies.
-fn stdin_closed() -> anyhow::Result<oneshot::Receiver<()>> {
-    let (closed, on_close) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("stdin-watch".into())
-        .spawn(move || {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            let _ = closed.send(());
-        })
-        .context("spawning the stdin watcher")?;
-    Ok(on_close)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args_os().skip(1);
@@ -69,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|g| g.parse().ok())
         .context("the generation is a number")?;
     let log = PathBuf::from(log);
-    let stdin_closed = stdin_closed()?;
+    let stdin_closed = keel_tests::stdin_closed()?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)

@@ -10,13 +10,12 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::io::Read as _;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use keel::prelude::*;
 use keel::{InstanceQuery, PageRequest};
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 #[path = "../../scale/workload.rs"]
@@ -183,26 +182,11 @@ async fn run(client: Client) -> anyhow::Result<String> {
     ))
 }
 
-/// Resolves once standard input reaches its end: the test holds the other end, so this
-/// happens when the test closes it or dies.
-fn stdin_closed() -> anyhow::Result<oneshot::Receiver<()>> {
-    let (closed, on_close) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("stdin-watch".into())
-        .spawn(move || {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            let _ = closed.send(());
-        })
-        .context("spawning the stdin watcher")?;
-    Ok(on_close)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let backend = Backend::from_args(&mut args)?;
-    let stdin_closed = stdin_closed()?;
+    let stdin_closed = keel_tests::stdin_closed()?;
     let client = Keel::builder()
         .provider(backend.provider().await?)
         .client()

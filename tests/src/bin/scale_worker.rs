@@ -11,7 +11,7 @@
 //! behind.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -19,7 +19,6 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context as _, bail};
 use keel::prelude::*;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::oneshot;
 
 #[path = "../../scale/workload.rs"]
 mod workload;
@@ -54,21 +53,6 @@ async fn step(
     Ok(step_value(input))
 }
 
-/// Resolves once standard input reaches its end: the test holds the other end, so this
-/// happens when the test closes it or dies.
-fn stdin_closed() -> anyhow::Result<oneshot::Receiver<()>> {
-    let (closed, on_close) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("stdin-watch".into())
-        .spawn(move || {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-            let _ = closed.send(());
-        })
-        .context("spawning the stdin watcher")?;
-    Ok(on_close)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -79,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let backend = Backend::from_args(&mut args)?;
     // Installed before the worker starts, so a SIGTERM that comes early is not fatal.
     let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-    let stdin_closed = stdin_closed()?;
+    let stdin_closed = keel_tests::stdin_closed()?;
     let log = PathBuf::from(log);
     let ready = ready_file(&log);
     let log = OpenOptions::new()
