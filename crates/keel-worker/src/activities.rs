@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use keel_core::{ExecutionId, Failure, InstanceId, OpId, Payload, RetryDecision, Timestamp};
+use keel_core::{ExecutionId, Failure, InstanceId, OpId, Payload, RetryDecision};
 use keel_provider::{
     ActivityCompletion, ActivityRetry, ErrorKind, FetchActivities, LeaseToken, LeasedWorkItem,
     WorkKind,
@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::activity::{ActivityContext, Attempt};
 use crate::metrics;
-use crate::worker::{Shared, idle, pause_after_error};
+use crate::worker::{Shared, claimed_at, idle, pause_after_error};
 
 /// Claims work items while it has free slots and runs each in its own task.
 pub(crate) async fn run(shared: Arc<Shared>, tasks: TaskTracker, committer: Committer) {
@@ -102,12 +102,7 @@ async fn run_attempt(
         let lease_for = shared.options.lease_duration;
         metrics::count(metrics::ACTIVITIES_STARTED, "activity", &*item.name);
         if item.attempt == 1 {
-            let claimed_at = Timestamp::from_millis(
-                leased
-                    .leased_until
-                    .as_millis()
-                    .saturating_sub(u64::try_from(lease_for.as_millis()).unwrap_or(u64::MAX)),
-            );
+            let claimed_at = claimed_at(leased.leased_until, lease_for);
             let waited = claimed_at.saturating_duration_since(item.scheduled_at);
             metrics::labelled_seconds(
                 metrics::ACTIVITY_SCHEDULE_TO_START,

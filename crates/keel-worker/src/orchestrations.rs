@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::ack::{TurnOf, ack_for};
 use crate::cache::{Cached, StickyCache};
 use crate::metrics;
-use crate::worker::{Shared, idle, pause_after_error};
+use crate::worker::{Shared, claimed_at, idle, pause_after_error};
 
 /// Runs orchestration turns for one worker: any number of lanes share one cache.
 #[derive(Debug)]
@@ -267,11 +267,7 @@ impl Orchestrator {
     /// Computes one instance's turn.
     async fn step(&self, mut work: OrchestrationWork) -> Step {
         let instance = work.lock.instance().clone();
-        let now = Timestamp::from_millis(
-            work.locked_until
-                .as_millis()
-                .saturating_sub(millis(self.shared.options.lock_duration)),
-        );
+        let now = claimed_at(work.locked_until, self.shared.options.lock_duration);
         let cached = guard(&self.cache).take(&instance, work.execution, work.history_len);
         metrics::count(
             metrics::TURN_CACHE,
@@ -467,10 +463,6 @@ impl Finished {
         let took = self.ended_at.saturating_duration_since(self.started_at);
         metrics::workflow_finished(self.name, self.status, took);
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Stands in for an orchestration nobody registered: its first turn fails.

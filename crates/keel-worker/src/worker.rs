@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use keel_core::Timestamp;
 use keel_provider::{Provider, WorkKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -137,6 +138,13 @@ impl Drop for Worker {
         self.shared.stop.cancel();
         self.shared.halt.cancel();
     }
+}
+
+/// When a claim held until `until` for `held_for` was taken: the provider's time at the
+/// fetch (its database clock where it has one), without asking it again.
+pub(crate) fn claimed_at(until: Timestamp, held_for: Duration) -> Timestamp {
+    let held_for = u64::try_from(held_for.as_millis()).unwrap_or(u64::MAX);
+    Timestamp::from_millis(until.as_millis().saturating_sub(held_for))
 }
 
 /// Waits for work of `kind` after a fetch found none: the provider's wake-up (in-process
