@@ -5,41 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use keel::Error;
 use keel::prelude::*;
-use keel::{Error, InstanceInfo};
-use keel_tests::{Db, WAIT, test_options};
-
-/// Polls `done` every 10 ms until it holds, for at most `timeout`.
-async fn eventually(what: &str, timeout: Duration, done: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !done() {
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
-/// Polls the instance's status until it is `status`, for at most `timeout`.
-async fn wait_for_status(
-    client: &Client,
-    id: &InstanceId,
-    status: InstanceStatus,
-    timeout: Duration,
-) -> anyhow::Result<InstanceInfo> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let info = client.status(id).await?;
-        if info.status() == status {
-            return Ok(info);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("{id} is {} after {timeout:?}, not {status}", info.status());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use keel_tests::{Db, WAIT, eventually, test_options, wait_for_status};
 
 /// Flags a long activity sets: that it started, and that its token fired.
 #[derive(Debug, Default)]

@@ -5,30 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use keel::InstanceInfo;
+use anyhow::{Context, ensure};
 use keel::prelude::*;
-use keel_tests::{Db, WAIT, test_options};
-
-/// Polls the instance's status until it is `status`, for at most `timeout`.
-async fn wait_for_status(
-    client: &Client,
-    id: &InstanceId,
-    status: InstanceStatus,
-    timeout: Duration,
-) -> anyhow::Result<InstanceInfo> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let info = client.status(id).await?;
-        if info.status() == status {
-            return Ok(info);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("{id} is {} after {timeout:?}, not {status}", info.status());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use keel_tests::{Db, WAIT, test_options, wait_for_status};
 
 async fn double(_ctx: ActivityContext, n: u64) -> Result<u64, Failure> {
     Ok(n * 2)

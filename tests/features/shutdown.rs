@@ -5,21 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use keel::prelude::*;
-use keel_tests::{Db, WAIT, test_options};
-
-/// Polls `done` every 10 ms until it holds, for at most `timeout`.
-async fn eventually(what: &str, timeout: Duration, done: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !done() {
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
+use keel_tests::{Db, WAIT, eventually, test_options};
 
 /// What the slow activity of the drain test went through.
 #[derive(Debug, Default)]

@@ -3,33 +3,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use keel::KeelBuilder;
 use keel::prelude::*;
-use keel::{InstanceInfo, KeelBuilder};
-use keel_tests::{Db, WAIT, test_options};
-
-/// Polls the instance's status until it is `status`, for at most `timeout`.
-async fn wait_for_status(
-    client: &Client,
-    id: &InstanceId,
-    status: InstanceStatus,
-    timeout: Duration,
-) -> anyhow::Result<InstanceInfo> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let info = client.status(id).await?;
-        if info.status() == status {
-            return Ok(info);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "{id} is {} after {timeout:?}, not {status} (reason: {:?})",
-                info.status(),
-                info.reason()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use keel_tests::{Db, WAIT, test_options, wait_for_status};
 
 /// Both versions of "flow": each says which it is; each waits for "go" first when the
 /// input asks it to.

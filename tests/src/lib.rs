@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keel::WorkerOptions;
+use keel::{Client, InstanceId, InstanceInfo, InstanceStatus, WorkerOptions};
 use tempfile::TempDir;
 
 /// How long a test waits for a workflow that should finish quickly. Generous: the
@@ -51,4 +51,44 @@ pub fn stdin_closed() -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
             let _ = closed.send(());
         })?;
     Ok(on_close)
+}
+
+/// Polls `done` every 10 ms until it holds, for at most `timeout`.
+pub async fn eventually(
+    what: &str,
+    timeout: Duration,
+    done: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done() {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Polls the instance's status every 10 ms until it is `status`, for at most `timeout`.
+pub async fn wait_for_status(
+    client: &Client,
+    id: &InstanceId,
+    status: InstanceStatus,
+    timeout: Duration,
+) -> anyhow::Result<InstanceInfo> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let info = client.status(id).await?;
+        if info.status() == status {
+            return Ok(info);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{id} is {} after {timeout:?}, not {status} (reason: {:?})",
+                info.status(),
+                info.reason()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
