@@ -283,7 +283,7 @@ mod turn_helpers {
 pub use work::{
     LEASE, activity, complete, create, end, ended, expect_kind, fetch_instance, json, lease,
     lease_queues, messages_for, ops, poke, provider_now, queue, run_turn, running, schedule,
-    schedule_n, tick,
+    schedule_n, scheduling_ack, tick,
 };
 
 mod work {
@@ -428,37 +428,40 @@ mod work {
         }
         let at = provider_now(provider).await;
         run_turn(provider, &instance_id, |work| {
-            let mut ack = Ack::new(
-                work.lock.clone(),
-                work.messages.iter().map(|m| m.id).collect(),
-            );
-            if work.history_len == 0 {
-                ack.version = Some(1);
-                ack.events.push(Event {
-                    at,
-                    kind: EventKind::ExecutionStarted {
-                        name: "test".to_owned(),
-                        version: 1,
-                        input: payload(&serde_json::json!({"n": 1})),
-                        parent: None,
-                    },
-                });
-            }
-            ack.events.extend(items.iter().map(|item| Event {
-                at,
-                kind: EventKind::ActivityScheduled {
-                    op: item.op,
-                    name: item.name.clone(),
-                    input: item.input.clone(),
-                    options: item.options.clone(),
-                },
-            }));
-            ack.activities = items;
-            ack
+            scheduling_ack(work, at, items)
         })
         .await
         .expect("the scheduling turn acks");
         instance_id
+    }
+
+    /// The ack of a turn of `work` that consumes its messages, records its start if it is
+    /// the first turn, and schedules `items` at `at`, each recorded as `ActivityScheduled`.
+    pub fn scheduling_ack(work: &OrchestrationWork, at: Timestamp, items: Vec<WorkItem>) -> Ack {
+        let mut ack = ack_all(work);
+        if work.history_len == 0 {
+            ack.version = Some(1);
+            ack.events.push(Event {
+                at,
+                kind: EventKind::ExecutionStarted {
+                    name: "test".to_owned(),
+                    version: 1,
+                    input: payload(&serde_json::json!({"n": 1})),
+                    parent: None,
+                },
+            });
+        }
+        ack.events.extend(items.iter().map(|item| Event {
+            at,
+            kind: EventKind::ActivityScheduled {
+                op: item.op,
+                name: item.name.clone(),
+                input: item.input.clone(),
+                options: item.options.clone(),
+            },
+        }));
+        ack.activities = items;
+        ack
     }
 
     /// Creates `instance` and runs its first turn: it is then Running, with nothing

@@ -21,6 +21,9 @@ pub struct Capabilities {
     pub activity_limits: bool,
     /// Lease and visibility times come from the database's own clock.
     pub database_clock: bool,
+    /// [`Provider::ack_turns_leasing`](crate::Provider::ack_turns_leasing) leases the
+    /// items it enqueues (rather than only enqueueing them).
+    pub leases_on_ack: bool,
 }
 
 impl Default for Capabilities {
@@ -34,6 +37,7 @@ impl Default for Capabilities {
             max_history_events: 1_000_000,
             activity_limits: true,
             database_clock: false,
+            leases_on_ack: false,
         }
     }
 }

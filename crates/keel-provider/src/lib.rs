@@ -22,7 +22,7 @@ pub use instance::{
     PurgeFilter, QueueDepths,
 };
 pub use orchestration::{
-    Ack, CustomStatusUpdate, FetchOrchestrations, LockToken, MessageId, OrchestrationWork,
-    OutgoingMessage, QueuedMessage, TurnOutcome,
+    Ack, AckedTurns, CustomStatusUpdate, FetchOrchestrations, LockToken, MessageId,
+    OrchestrationWork, OutgoingMessage, QueuedMessage, TurnOutcome,
 };
 pub use provider::Provider;

@@ -8,6 +8,8 @@ use keel_core::{
     WorkItem,
 };
 
+use crate::activity::LeasedWorkItem;
+use crate::error::Result;
 use crate::instance::NewInstance;
 
 /// Names one claim on an instance's messages: proof of the lock when acking. A token
@@ -156,6 +158,16 @@ pub struct Ack {
     pub custom_status: CustomStatusUpdate,
     /// How the execution stands.
     pub outcome: TurnOutcome,
+}
+
+/// What [`Provider::ack_turns_leasing`](crate::Provider::ack_turns_leasing) committed.
+#[derive(Debug)]
+pub struct AckedTurns {
+    /// One result per ack, in order, as [`Provider::ack_turns`](crate::Provider::ack_turns)
+    /// returns them.
+    pub results: Vec<Result<()>>,
+    /// The activity items the committed acks enqueued that are leased to the caller.
+    pub leased: Vec<LeasedWorkItem>,
 }
 
 impl Ack {

@@ -15,7 +15,7 @@ use crate::instance::{
     Created, InstanceQuery, InstanceRecord, NewInstance, OnConflict, Page, PageRequest,
     PurgeFilter, QueueDepths,
 };
-use crate::orchestration::{Ack, FetchOrchestrations, LockToken, OrchestrationWork};
+use crate::orchestration::{Ack, AckedTurns, FetchOrchestrations, LockToken, OrchestrationWork};
 
 /// A store of instances, histories and queues. Object-safe: Keel holds it as
 /// `Arc<dyn Provider>`.
@@ -81,6 +81,29 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
     /// stale or expired lock, or an ack over a size limit, is rejected and changes
     /// nothing, while the other acks still commit.
     async fn ack_turns(&self, acks: Vec<Ack>) -> Result<Vec<Result<()>>>;
+
+    /// Commits turns as [`ack_turns`](Self::ack_turns) does and, in the same
+    /// transactions, leases to the caller up to `lease.max_items` of the activity items
+    /// they enqueue on `lease.queues`, in ack order, for `lease.lease_for`: as if a
+    /// [`fetch_activities`](Self::fetch_activities) had claimed them the moment they were
+    /// enqueued, which saves a worker that runs them itself a claim per item ("eager
+    /// dispatch"). Items of names with limits are never leased this way (the limits are
+    /// counted at claim time), nor those of a rejected ack. What is not leased is
+    /// enqueued as usual.
+    ///
+    /// The default commits with `ack_turns` and leases nothing; a provider that leases
+    /// says so with [`Capabilities::leases_on_ack`](crate::Capabilities::leases_on_ack).
+    async fn ack_turns_leasing(
+        &self,
+        acks: Vec<Ack>,
+        lease: FetchActivities,
+    ) -> Result<AckedTurns> {
+        let _ = lease;
+        Ok(AckedTurns {
+            results: self.ack_turns(acks).await?,
+            leased: Vec::new(),
+        })
+    }
 
     /// Sets a locked instance aside as `Suspended` with `reason`, releasing the lock and
     /// keeping its messages. A stale lock is `Stale`, and nothing changes.

@@ -64,6 +64,10 @@ impl Topics {
         Self(self.0 | topic.bit())
     }
 
+    pub(crate) fn without(self, topic: Topic) -> Self {
+        Self(self.0 & !topic.bit())
+    }
+
     pub(crate) fn union(self, other: Self) -> Self {
         Self(self.0 | other.0)
     }

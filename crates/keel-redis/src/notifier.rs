@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
-    Ack, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Created, DeadLetter,
-    DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery, InstanceRecord, LeaseToken,
-    LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page, PageRequest,
-    Provider, PurgeFilter, QueueDepths, Result as ProviderResult, TurnOutcome, WorkKind,
+    Ack, AckedTurns, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Created,
+    DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery, InstanceRecord,
+    LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page,
+    PageRequest, Provider, PurgeFilter, QueueDepths, Result as ProviderResult, TurnOutcome,
+    WorkKind,
 };
 use tokio::task::JoinHandle;
 
@@ -179,6 +180,15 @@ fn ack_topics(ack: &Ack) -> Topics {
     topics
 }
 
+/// The topics of the acks that committed.
+fn committed_topics(topics: &[Topics], results: &[ProviderResult<()>]) -> Topics {
+    topics
+        .iter()
+        .zip(results)
+        .filter(|(_, result)| result.is_ok())
+        .fold(Topics::default(), |all, (topics, _)| all.union(*topics))
+}
+
 #[async_trait]
 impl Provider for RedisNotifier {
     fn capabilities(&self) -> Capabilities {
@@ -235,14 +245,34 @@ impl Provider for RedisNotifier {
         let topics: Vec<Topics> = acks.iter().map(ack_topics).collect();
         let results = self.inner.ack_turns(acks).await;
         if let Ok(results) = &results {
-            let committed = topics
-                .iter()
-                .zip(results)
-                .filter(|(_, result)| result.is_ok())
-                .fold(Topics::default(), |all, (topics, _)| all.union(*topics));
-            self.announce(committed);
+            self.announce(committed_topics(&topics, results));
         }
         results
+    }
+
+    async fn ack_turns_leasing(
+        &self,
+        acks: Vec<Ack>,
+        lease: FetchActivities,
+    ) -> ProviderResult<AckedTurns> {
+        let topics: Vec<Topics> = acks.iter().map(ack_topics).collect();
+        let scheduled: Vec<usize> = acks.iter().map(|ack| ack.activities.len()).collect();
+        let acked = self.inner.ack_turns_leasing(acks, lease).await;
+        if let Ok(acked) = &acked {
+            let mut committed = committed_topics(&topics, &acked.results);
+            let enqueued: usize = scheduled
+                .iter()
+                .zip(&acked.results)
+                .filter(|(_, result)| result.is_ok())
+                .map(|(count, _)| count)
+                .sum();
+            if enqueued == acked.leased.len() {
+                // Every item went to the caller: no other worker has anything to claim.
+                committed = committed.without(Topic::Activities);
+            }
+            self.announce(committed);
+        }
+        acked
     }
 
     async fn suspend(&self, lock: &LockToken, reason: &str) -> ProviderResult<()> {

@@ -9,17 +9,24 @@
 //! record. Children and continue-as-new, which write before or after that check, run
 //! inside a savepoint of their own.
 
-use keel_core::{Message, ParentLink, Payload, encode_record};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use keel_core::{Message, ParentLink, Payload, WorkItem, encode_record};
 use keel_provider::{
-    Ack, CustomStatusUpdate, ErrorKind, ProviderError, Result, TurnOutcome, WorkKind,
+    Ack, AckedTurns, CustomStatusUpdate, ErrorKind, FetchActivities, LeaseToken, LeasedWorkItem,
+    ProviderError, Result, TurnOutcome, WorkKind,
 };
 
-use crate::activity::{PreparedItem, insert_item, prepare_item};
-use crate::convert::{check_size, col, count, execution, instance_id, millis, op, u64_bits};
+use crate::activity::{PreparedItem, insert_item, insert_leased_item, limited_names, prepare_item};
+use crate::convert::{
+    check_size, col, count, execution, from_bits, instance_id, later, millis, op, timestamp,
+    u64_bits,
+};
 use crate::instance::{self, PreparedInstance};
 use crate::provider::SqliteProvider;
 use crate::query::{self, execute};
-use crate::writer::{WriteCtx, end_savepoint, savepoint};
+use crate::writer::{WriteCtx, allocate_tokens, end_savepoint, savepoint};
 
 /// An ack with every record encoded and its sizes checked, off the writer, in the
 /// shapes the ack's statements bind.
@@ -33,6 +40,8 @@ struct PreparedAck {
     /// Consumed message ids.
     consumed: Vec<i64>,
     activities: Vec<PreparedItem>,
+    /// The same work items as scheduled, for those leased on the way in.
+    items: Vec<WorkItem>,
     /// Cancelled op ids.
     cancel: Vec<i64>,
     /// Outgoing messages: the recipient, when visible (none: now), the encoded message.
@@ -141,6 +150,7 @@ fn prepare(ack: Ack, limit: usize) -> Result<PreparedAck> {
         events,
         consumed: ack.consumed.iter().map(|m| count(m.0)).collect(),
         activities,
+        items: ack.activities,
         cancel: ack
             .cancel_activities
             .iter()
@@ -157,7 +167,11 @@ fn prepare(ack: Ack, limit: usize) -> Result<PreparedAck> {
     })
 }
 
-pub(crate) async fn ack_turns(p: &SqliteProvider, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
+pub(crate) async fn ack_turns(
+    p: &SqliteProvider,
+    acks: Vec<Ack>,
+    lease: Option<FetchActivities>,
+) -> Result<AckedTurns> {
     let limits = &p.inner.capabilities;
     let (max_record, max_history) = (limits.max_record_bytes, limits.max_history_events);
     let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(acks.len());
@@ -173,21 +187,48 @@ pub(crate) async fn ack_turns(p: &SqliteProvider, acks: Vec<Ack>) -> Result<Vec<
             Err(error) => results.push(Some(Err(error))),
         }
     }
+    let mut leased = Vec::new();
     if !prepared.is_empty() {
         let max_history = count(max_history);
+        let eager = lease
+            .filter(|lease| lease.max_items > 0)
+            .map(|lease| Eager {
+                queues: lease.queues.iter().map(|q| q.as_str().to_owned()).collect(),
+                max: lease.max_items,
+                lease_for: lease.lease_for,
+            });
         let committed = p
-            .write(move |ctx| ack_all(ctx, &prepared, max_history, max_record))
+            .write(move |ctx| ack_all(ctx, &prepared, max_history, max_record, eager.as_ref()))
             .await?;
         for (i, result) in indexes.into_iter().zip(committed) {
+            let result = result.map(|mine| leased.extend(mine));
             if let Some(slot) = results.get_mut(i) {
                 *slot = Some(result);
             }
         }
     }
-    Ok(results
+    let results = results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(ProviderError::new(ErrorKind::Internal, "ack lost"))))
-        .collect())
+        .collect();
+    Ok(AckedTurns { results, leased })
+}
+
+/// What the acks of one call may lease to their caller as they enqueue (eager dispatch).
+#[derive(Debug)]
+struct Eager {
+    queues: HashSet<String>,
+    max: usize,
+    lease_for: Duration,
+}
+
+/// An [`Eager`] request as one transaction applies it: its lease end, the names it
+/// leaves to fetches, and how many more items it may lease.
+struct Leasing<'a> {
+    queues: &'a HashSet<String>,
+    limited: HashSet<String>,
+    leased_until: i64,
+    left: usize,
 }
 
 /// Settles the instance row of a turn and releases its lock, while the lock is held
@@ -219,16 +260,32 @@ fn ack_all(
     acks: &[PreparedAck],
     max_history: i64,
     max_record: usize,
-) -> Result<Vec<Result<()>>> {
+    eager: Option<&Eager>,
+) -> Result<Vec<Result<Vec<LeasedWorkItem>>>> {
+    let mut leasing = match eager {
+        Some(eager) => Some(Leasing {
+            queues: &eager.queues,
+            limited: limited_names(&ctx.conn)?,
+            leased_until: later(ctx.now(), eager.lease_for),
+            left: eager.max,
+        }),
+        None => None,
+    };
     let mut results = Vec::with_capacity(acks.len());
     for ack in acks {
-        if ack.children.is_empty() && ack.continued.is_none() {
-            results.push(ack_one(ctx, ack, max_history, max_record)?);
-            continue;
-        }
-        savepoint(ctx)?;
-        let result = ack_one(ctx, ack, max_history, max_record).and_then(|result| result);
-        end_savepoint(ctx, result.is_ok())?;
+        let result = if ack.children.is_empty() && ack.continued.is_none() {
+            ack_one(ctx, ack, max_history, max_record, leasing.as_mut())?
+        } else {
+            savepoint(ctx)?;
+            let left = leasing.as_ref().map(|l| l.left);
+            let result = ack_one(ctx, ack, max_history, max_record, leasing.as_mut())
+                .and_then(|result| result);
+            end_savepoint(ctx, result.is_ok())?;
+            if let (Err(_), Some(leasing), Some(left)) = (&result, leasing.as_mut(), left) {
+                leasing.left = left; // rolled back with the rest of the turn
+            }
+            result
+        };
         results.push(result);
     }
     Ok(results)
@@ -242,7 +299,8 @@ fn ack_one(
     ack: &PreparedAck,
     max_history: i64,
     max_record: usize,
-) -> Result<Result<()>> {
+    leasing: Option<&mut Leasing<'_>>,
+) -> Result<Result<Vec<LeasedWorkItem>>> {
     let now = millis(ctx.now());
     let id = ack.instance.as_str();
     // Children first, so that the turn's messages to them find them; a rejected ack
@@ -272,6 +330,7 @@ fn ack_one(
     let Some((execution, first_seq)) = settled else {
         return Ok(Err(rejected(ctx, ack, now, max_history)));
     };
+    let leased = insert_items(ctx, ack, now, leasing)?;
     let conn = &ctx.conn;
     for (seq, event) in (first_seq..).zip(&ack.events) {
         execute(
@@ -279,9 +338,6 @@ fn ack_one(
             "INSERT INTO history (instance, execution, seq, event) VALUES (?1, ?2, ?3, ?4)",
             (id, execution, seq, event),
         )?;
-    }
-    for item in &ack.activities {
-        insert_item(conn, item, now)?;
     }
     // A cancelled item that is queued, or whose lease expired, goes; one that runs
     // under a live lease is marked, for its worker to hear at its next renewal.
@@ -310,13 +366,44 @@ fn ack_one(
         )?;
     }
     ctx.wake(WorkKind::Orchestrations);
-    if !ack.activities.is_empty() {
+    if leased.len() < ack.activities.len() {
         ctx.wake(WorkKind::Activities);
     }
     if let Some(continued) = &ack.continued {
         continue_as_new(ctx, id, continued, now, max_record)?;
     }
-    Ok(Ok(()))
+    Ok(Ok(leased))
+}
+
+/// Enqueues the turn's work items, leasing to the caller those `leasing` allows;
+/// returns the leased ones.
+fn insert_items(
+    ctx: &mut WriteCtx,
+    ack: &PreparedAck,
+    now: i64,
+    mut leasing: Option<&mut Leasing<'_>>,
+) -> Result<Vec<LeasedWorkItem>> {
+    let mut leased = Vec::new();
+    for (prepared, item) in ack.activities.iter().zip(&ack.items) {
+        let lease = leasing.as_deref_mut().filter(|l| {
+            l.left > 0 && l.queues.contains(&prepared.queue) && !l.limited.contains(&prepared.name)
+        });
+        let Some(lease) = lease else {
+            insert_item(&ctx.conn, prepared, now)?;
+            continue;
+        };
+        lease.left -= 1;
+        let leased_until = lease.leased_until;
+        let token = allocate_tokens(ctx, 1)?;
+        let id = insert_leased_item(&ctx.conn, prepared, now, token, leased_until)?;
+        leased.push(LeasedWorkItem {
+            lease: LeaseToken::new(from_bits(id), from_bits(token)),
+            leased_until: timestamp(leased_until),
+            item: item.clone(),
+            deliveries: 1,
+        });
+    }
+    Ok(leased)
 }
 
 /// Why an ack matched nothing: its history would pass the limit, or (the usual case)

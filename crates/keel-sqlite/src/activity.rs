@@ -75,6 +75,46 @@ pub(crate) fn insert_item(conn: &Connection, item: &PreparedItem, now: i64) -> R
     Ok(())
 }
 
+/// Enqueues a prepared item already leased under `token` until `leased_until`, as a
+/// fetch at `now` would have left it; returns its id.
+pub(crate) fn insert_leased_item(
+    conn: &Connection,
+    item: &PreparedItem,
+    now: i64,
+    token: i64,
+    leased_until: i64,
+) -> Result<i64> {
+    execute(
+        conn,
+        "INSERT INTO work_items (instance, execution, op, name, queue, priority, attempt, \
+         visible_at, lease_token, deliveries, created_at, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11)",
+        (
+            &item.instance,
+            item.execution,
+            item.op,
+            &item.name,
+            &item.queue,
+            item.priority,
+            item.attempt,
+            leased_until,
+            token,
+            now,
+            &item.body,
+        ),
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The names that have limits: their items are only ever leased by a fetch, which
+/// counts them.
+pub(crate) fn limited_names(conn: &Connection) -> Result<HashSet<String>> {
+    let names = query::all(conn, "SELECT name FROM activity_limits", [], |row| {
+        col::<String>(row, 0)
+    })?;
+    Ok(names.into_iter().collect())
+}
+
 /// A claimable item, as the candidate scan sees it.
 #[derive(Debug)]
 struct Candidate {

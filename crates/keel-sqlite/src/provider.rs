@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
-    Ack, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Clock, Created,
-    DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery, InstanceRecord,
-    LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page,
-    PageRequest, Provider, PurgeFilter, QueueDepths, Result, WorkKind,
+    Ack, AckedTurns, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Clock,
+    Created, DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery,
+    InstanceRecord, LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict,
+    OrchestrationWork, Page, PageRequest, Provider, PurgeFilter, QueueDepths, Result, WorkKind,
 };
 use rusqlite::{Connection, OpenFlags};
 
@@ -166,6 +166,7 @@ impl SqliteProvider {
         let mut capabilities = Capabilities::default();
         capabilities.max_record_bytes = options.max_record_bytes;
         capabilities.max_history_events = options.max_history_events;
+        capabilities.leases_on_ack = true;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
@@ -258,7 +259,15 @@ impl Provider for SqliteProvider {
     }
 
     async fn ack_turns(&self, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
-        ack::ack_turns(self, acks).await
+        Ok(ack::ack_turns(self, acks, None).await?.results)
+    }
+
+    async fn ack_turns_leasing(
+        &self,
+        acks: Vec<Ack>,
+        lease: FetchActivities,
+    ) -> Result<AckedTurns> {
+        ack::ack_turns(self, acks, Some(lease)).await
     }
 
     async fn suspend(&self, lock: &LockToken, reason: &str) -> Result<()> {

@@ -22,9 +22,56 @@ use crate::activity::{ActivityContext, Attempt};
 use crate::metrics;
 use crate::worker::{Shared, claimed_at, idle, pause_after_error};
 
-/// Claims work items while it has free slots and runs each in its own task.
-pub(crate) async fn run(shared: Arc<Shared>, tasks: TaskTracker, committer: Committer) {
-    let slots = Arc::new(Semaphore::new(shared.options.max_concurrent_activities));
+/// Runs leased items, each in its own task, at most `max_concurrent_activities` at
+/// once: the fetch loop and the orchestrator (which leases the items its turns schedule
+/// as it acks them) both start attempts here.
+#[derive(Debug)]
+pub(crate) struct Activities {
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+    committer: Committer,
+}
+
+impl Activities {
+    pub(crate) fn new(shared: Arc<Shared>, tasks: TaskTracker, committer: Committer) -> Self {
+        let slots = Arc::new(Semaphore::new(shared.options.max_concurrent_activities));
+        Self {
+            shared,
+            slots,
+            tasks,
+            committer,
+        }
+    }
+
+    /// Up to `max` slots that are free now.
+    pub(crate) fn free_slots(&self, max: usize) -> Vec<OwnedSemaphorePermit> {
+        let mut permits = Vec::new();
+        while permits.len() < max {
+            match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        permits
+    }
+
+    /// Starts the attempts of `items`, one slot each; slots left over are released.
+    pub(crate) fn start(&self, items: Vec<LeasedWorkItem>, slots: Vec<OwnedSemaphorePermit>) {
+        for (leased, slot) in items.into_iter().zip(slots) {
+            self.tasks.spawn(run_attempt(
+                Arc::clone(&self.shared),
+                self.committer.clone(),
+                leased,
+                slot,
+            ));
+        }
+    }
+}
+
+/// Claims work items while there are free slots and starts them.
+pub(crate) async fn run(activities: Arc<Activities>) {
+    let shared = &activities.shared;
     let max_items = shared
         .options
         .activity_batch
@@ -36,16 +83,11 @@ pub(crate) async fn run(shared: Arc<Shared>, tasks: TaskTracker, committer: Comm
         let first = tokio::select! {
             biased;
             () = shared.stop.cancelled() => break,
-            permit = Arc::clone(&slots).acquire_owned() => permit,
+            permit = Arc::clone(&activities.slots).acquire_owned() => permit,
         };
         let Ok(first) = first else { break };
         let mut permits = vec![first];
-        while permits.len() < max_items {
-            match Arc::clone(&slots).try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
-        }
+        permits.extend(activities.free_slots(max_items - 1));
         let request = FetchActivities {
             queues: shared.options.queues.clone(),
             max_items: permits.len(),
@@ -60,24 +102,17 @@ pub(crate) async fn run(shared: Arc<Shared>, tasks: TaskTracker, committer: Comm
             Ok(items) if items.is_empty() => {
                 errors = 0;
                 drop(permits);
-                idle(&shared, WorkKind::Activities).await;
+                idle(shared, WorkKind::Activities).await;
             }
             Ok(items) => {
                 errors = 0;
-                for (leased, slot) in items.into_iter().zip(permits) {
-                    tasks.spawn(run_attempt(
-                        Arc::clone(&shared),
-                        committer.clone(),
-                        leased,
-                        slot,
-                    ));
-                }
+                activities.start(items, permits);
             }
             Err(error) => {
                 errors += 1;
                 tracing::warn!(%error, "fetching activities failed");
                 drop(permits);
-                pause_after_error(&shared, errors).await;
+                pause_after_error(shared, errors).await;
             }
         }
     }

@@ -10,14 +10,19 @@ use futures_util::future::join_all;
 use keel_core::{
     Event, EventKind, ExecutionId, Failure, InstanceId, Message, OpId, Payload, Timestamp,
 };
-use keel_provider::{Ack, ErrorKind, FetchOrchestrations, LockToken, OrchestrationWork, WorkKind};
+use keel_provider::{
+    Ack, ErrorKind, FetchActivities, FetchOrchestrations, LeasedWorkItem, LockToken,
+    OrchestrationWork, WorkKind,
+};
 use keel_replay::{
     Execution, ExecutionState, Orchestration, OrchestrationContext, OrchestrationFuture,
     ReplayError, TurnEnv,
 };
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::ack::{TurnOf, ack_for};
+use crate::activities::Activities;
 use crate::cache::{Cached, StickyCache};
 use crate::metrics;
 use crate::worker::{Shared, claimed_at, idle, pause_after_error};
@@ -26,6 +31,9 @@ use crate::worker::{Shared, claimed_at, idle, pause_after_error};
 #[derive(Debug)]
 pub(crate) struct Orchestrator {
     shared: Arc<Shared>,
+    /// This worker's activity runner, when it runs activities: the items a turn
+    /// schedules are leased to it as the turn is acked, while it has free slots.
+    activities: Option<Arc<Activities>>,
     cache: Mutex<StickyCache>,
     /// Failed turns per instance since its last good one (poison handling).
     failures: Mutex<HashMap<InstanceId, u32>>,
@@ -48,6 +56,17 @@ enum Step {
     Suspend { lock: LockToken, reason: String },
     /// Release the lock and try the turn again after `delay`.
     Retry { lock: LockToken, delay: Duration },
+}
+
+/// What `ack_turns` returns: one result per ack, unless the whole call failed.
+type AckResults = keel_provider::Result<Vec<keel_provider::Result<()>>>;
+
+/// Activity items leased to this worker as their turns were acked, and the slots
+/// reserved for them (one per item, and any left over).
+#[derive(Default)]
+struct Leased {
+    items: Vec<LeasedWorkItem>,
+    slots: Vec<OwnedSemaphorePermit>,
 }
 
 /// What is left to do once an ack has committed.
@@ -87,10 +106,11 @@ fn guard<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Orchestrator {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, activities: Option<Arc<Activities>>) -> Self {
         let capacity = shared.options.cache_capacity;
         Self {
             shared,
+            activities,
             cache: Mutex::new(StickyCache::new(capacity)),
             failures: Mutex::default(),
         }
@@ -169,18 +189,56 @@ impl Orchestrator {
         while !pending.is_empty() {
             let rest = pending.split_off(pending.len().min(max_batch));
             let (acks, acked): (Vec<Ack>, Vec<Acked>) = pending.into_iter().unzip();
-            let results = self.shared.provider.ack_turns(acks).await;
+            let (results, leased) = self.commit(acks).await;
             self.after_acks(results, acked).await;
+            if let Some(runner) = &self.activities {
+                runner.start(leased.items, leased.slots);
+            }
             pending = rest;
         }
         metrics::seconds(metrics::TURN_DURATION, started.elapsed());
     }
 
-    async fn after_acks(
-        &self,
-        results: keel_provider::Result<Vec<keel_provider::Result<()>>>,
-        acked: Vec<Acked>,
-    ) {
+    /// Commits `acks`, leasing the items they schedule to this worker's activity runner
+    /// while it has free slots; returns the acks' results and the leased items, which
+    /// the caller starts once the results are settled (so a quick activity's next turn
+    /// finds its execution back in the cache).
+    async fn commit(&self, acks: Vec<Ack>) -> (AckResults, Leased) {
+        let provider = &self.shared.provider;
+        let options = &self.shared.options;
+        let runner = self
+            .activities
+            .as_ref()
+            .filter(|_| !self.shared.stop.is_cancelled());
+        let ours = acks
+            .iter()
+            .flat_map(|ack| &ack.activities)
+            .filter(|item| options.queues.contains(&item.options.queue))
+            .count();
+        let slots = runner
+            .map(|runner| runner.free_slots(ours))
+            .unwrap_or_default();
+        if slots.is_empty() {
+            return (provider.ack_turns(acks).await, Leased::default());
+        }
+        let lease = FetchActivities {
+            queues: options.queues.clone(),
+            max_items: slots.len(),
+            lease_for: options.lease_duration,
+        };
+        match provider.ack_turns_leasing(acks, lease).await {
+            Ok(acked) => (
+                Ok(acked.results),
+                Leased {
+                    items: acked.leased,
+                    slots,
+                },
+            ),
+            Err(error) => (Err(error), Leased::default()),
+        }
+    }
+
+    async fn after_acks(&self, results: AckResults, acked: Vec<Acked>) {
         let results = match results {
             Ok(results) => results,
             Err(error) => {

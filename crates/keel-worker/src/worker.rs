@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::activities::{self, Committer, Running};
+use crate::activities::{self, Activities, Committer, Running};
 use crate::error::Result;
 use crate::metrics;
 use crate::notifier::Notifier;
@@ -74,17 +74,20 @@ impl Worker {
             running: Running::default(),
         });
         let tasks = TaskTracker::new();
+        let mut committer = None;
+        let mut activities = None;
+        if shared.options.activities {
+            let (sender, drain) = Committer::start(Arc::clone(&shared));
+            let runner = Arc::new(Activities::new(Arc::clone(&shared), tasks.clone(), sender));
+            tasks.spawn(activities::run(Arc::clone(&runner)));
+            committer = Some(drain);
+            activities = Some(runner);
+        }
         if shared.options.orchestrations {
-            let orchestrator = Arc::new(Orchestrator::new(Arc::clone(&shared)));
+            let orchestrator = Arc::new(Orchestrator::new(Arc::clone(&shared), activities));
             for _ in 0..shared.options.orchestration_lanes {
                 tasks.spawn(Arc::clone(&orchestrator).run_lane());
             }
-        }
-        let mut committer = None;
-        if shared.options.activities {
-            let (sender, drain) = Committer::start(Arc::clone(&shared));
-            tasks.spawn(activities::run(Arc::clone(&shared), tasks.clone(), sender));
-            committer = Some(drain);
         }
         if let Some(every) = shared.options.queue_depth_interval {
             tasks.spawn(sample_queue_depths(Arc::clone(&shared), every));

@@ -9,6 +9,7 @@ pub mod control;
 pub mod corruption;
 pub mod creation;
 pub mod dead_letters;
+pub mod eager;
 pub mod executions;
 pub mod leases;
 pub mod limits;
@@ -35,6 +36,7 @@ macro_rules! __all_areas {
         $crate::__conformance_messages!($factory);
         $crate::__conformance_activities!($factory);
         $crate::__conformance_leases!($factory);
+        $crate::__conformance_eager!($factory);
         $crate::__conformance_limits!($factory);
         $crate::__conformance_dead_letters!($factory);
         $crate::__conformance_control!($factory);
