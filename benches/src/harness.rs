@@ -1,5 +1,7 @@
 //! The loop: for each backend, each run measures the database's limits and then every
-//! workload on a fresh store, so every figure has a same-run reference.
+//! workload on a fresh store, so every figure has a same-run reference. A workload
+//! that measures memory runs in a fresh process as well (see [`crate::isolate`]), so
+//! its figures hold nothing that earlier workloads left in this one.
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,13 +10,14 @@ use anyhow::{Context as _, Result};
 
 use crate::backend::Backend;
 use crate::cli::Args;
+use crate::isolate::{self, Job};
 use crate::limits;
-use crate::metric::{Unit, key};
+use crate::metric::{Outcome, Unit, key};
 use crate::progress::Progress;
 use crate::report;
 use crate::results::{BackendReport, Report, Series};
 use crate::sys::Machine;
-use crate::workloads::Sizes;
+use crate::workloads::{Sizes, Workload};
 
 /// Runs what `args` asks for and gathers the report; `out` holds scratch databases.
 pub(crate) async fn run(args: &Args, out: &Path) -> Result<Report> {
@@ -115,16 +118,23 @@ async fn measure(
                 None
             }
         };
-        for (workload, series) in args.workloads.iter().zip(&mut series) {
-            progress.set_stage(format!("{backend} run {run}/{}: {workload}", args.runs));
-            let label = format!("{workload}-{run}");
-            let measured = match backend.open(scratch, &label).await {
-                Ok(store) => {
-                    let measured = workload.run(&store, sizes, progress).await;
-                    let closed = store.close().await;
-                    measured.and_then(|outcome| closed.map(|()| outcome))
-                }
-                Err(error) => Err(error),
+        for (&workload, series) in args.workloads.iter().zip(&mut series) {
+            let measured = if workload.reads_memory() {
+                progress.set_stage(format!(
+                    "{backend} run {run}/{}: {workload} (in its own process)",
+                    args.runs
+                ));
+                let job = Job {
+                    workload,
+                    backend,
+                    run,
+                    quick: args.quick,
+                    scratch: scratch.to_owned(),
+                };
+                isolate::run(job).await
+            } else {
+                progress.set_stage(format!("{backend} run {run}/{}: {workload}", args.runs));
+                run_once(workload, backend, sizes, scratch, run, progress).await
             };
             match measured {
                 Ok(mut outcome) => {
@@ -155,4 +165,20 @@ async fn measure(
         limits: Some(limits),
         workloads: series,
     }
+}
+
+/// Run `run` of `workload` on a fresh store of `backend`, closed afterwards; here or,
+/// for [`isolate::run`], in a child process.
+pub(crate) async fn run_once(
+    workload: Workload,
+    backend: Backend,
+    sizes: &Sizes,
+    scratch: &Path,
+    run: usize,
+    progress: &Progress,
+) -> Result<Outcome> {
+    let store = backend.open(scratch, &format!("{workload}-{run}")).await?;
+    let measured = workload.run(&store, sizes, progress).await;
+    let closed = store.close().await;
+    measured.and_then(|outcome| closed.map(|()| outcome))
 }

@@ -8,6 +8,7 @@
 mod backend;
 mod cli;
 mod harness;
+mod isolate;
 mod limits;
 mod metric;
 mod progress;
@@ -38,7 +39,13 @@ pub fn main() -> ExitCode {
 }
 
 fn run() -> Result<ExitCode> {
-    let Some(args) = Args::parse(std::env::args().skip(1).collect())? else {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if let Some((first, job)) = raw.split_first()
+        && first == isolate::FLAG
+    {
+        return isolate::child(job);
+    }
+    let Some(args) = Args::parse(raw)? else {
         print!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
     };
@@ -51,12 +58,7 @@ fn run() -> Result<ExitCode> {
             }
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("could not start the tokio runtime")?;
-    let report = runtime.block_on(harness::run(&args, &out))?;
-    drop(runtime);
+    let report = runtime()?.block_on(harness::run(&args, &out))?;
 
     report::print_table(&report);
     let json = report::write_json(&report, &out)?;
@@ -82,6 +84,14 @@ fn run() -> Result<ExitCode> {
         eprintln!("  {failure}");
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// The runtime the harness and its child processes run in.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the tokio runtime")
 }
 
 /// The workspace root: the parent of this package's directory (as xtask finds it).

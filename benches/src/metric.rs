@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The unit of a measured value, for formatting and for the JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Unit {
     /// Events per second.
@@ -87,8 +87,8 @@ pub(crate) mod key {
     pub(crate) const LAST_OVER_FIRST: &str = "last_over_first";
     /// How many workflows (or activities) the workload had.
     pub(crate) const SIZE: &str = "size";
-    /// Resident memory before the workload began: what earlier workloads in this
-    /// process left behind (the allocator keeps freed memory).
+    /// Resident memory before the workload began: the runtime and the open store of
+    /// the process the workload runs in (a fresh one, so nothing of earlier workloads).
     pub(crate) const BASELINE_RSS_MB: &str = "baseline_rss_mb";
     /// Time to start every sleeper and see it parked.
     pub(crate) const SETUP_S: &str = "setup_s";
@@ -104,12 +104,42 @@ pub(crate) mod key {
     pub(crate) const SINGLE_ROW_COMMITS_PER_S: &str = "single_row_commits_per_s";
     /// Rows per second inserted in 100-row transactions.
     pub(crate) const BATCHED_ROWS_PER_S: &str = "rows_per_s_in_100_row_tx";
+
+    /// Every key, in the order reports show them: the headline first.
+    pub(crate) const ALL: [&str; 24] = [
+        SIZE,
+        STEPS_PER_S,
+        STEPS_PER_COMMIT,
+        WORKFLOWS_PER_S,
+        WORKFLOW_P50_MS,
+        SAMPLES,
+        P50_MS,
+        P95_MS,
+        P99_MS,
+        SCHEDULE_TO_START_P50_MS,
+        SCHEDULE_TO_START_P99_MS,
+        COMPLETE_S,
+        PEAK_RSS_MB,
+        BASELINE_RSS_MB,
+        FIRST_100_MS,
+        LAST_100_MS,
+        LAST_OVER_FIRST,
+        SETUP_S,
+        STARTS_S,
+        PARKED_RSS_MB,
+        STORM_S,
+        TIMERS_PER_S,
+        SINGLE_ROW_COMMITS_PER_S,
+        BATCHED_ROWS_PER_S,
+    ];
 }
 
-/// The values one run of a workload measured.
-#[derive(Debug, Clone, Default)]
+/// The values one run of a workload measured; a child process hands it to the
+/// harness as JSON (see [`crate::isolate`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Outcome {
     /// Each value by its key, with its unit.
+    #[serde(deserialize_with = "known_keys")]
     pub(crate) values: BTreeMap<&'static str, (Unit, f64)>,
     /// Remarks for the reader (a setup that overran, a skipped measurement).
     pub(crate) notes: Vec<String>,
@@ -128,9 +158,51 @@ impl Outcome {
     }
 }
 
+/// Reads [`Outcome::values`] back: each name must be one of [`key::ALL`], and a
+/// value JSON could not hold (NaN, which it writes as `null`) is NaN again.
+fn known_keys<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<&'static str, (Unit, f64)>, D::Error> {
+    let named = BTreeMap::<String, (Unit, Option<f64>)>::deserialize(deserializer)?;
+    named
+        .into_iter()
+        .map(|(name, (unit, value))| {
+            let key = key::ALL
+                .into_iter()
+                .find(|key| *key == name)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown value `{name}`")))?;
+            Ok((key, (unit, value.unwrap_or(f64::NAN))))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_through_json() {
+        let mut outcome = Outcome::default();
+        outcome.set(key::PARKED_RSS_MB, Unit::Megabytes, 76.5);
+        outcome.set(key::P99_MS, Unit::Millis, f64::NAN);
+        outcome.notes.push("a remark".to_owned());
+        let json = serde_json::to_string(&outcome).expect("serializes");
+        let back: Outcome = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(back.values[key::PARKED_RSS_MB], (Unit::Megabytes, 76.5));
+        assert!(back.get(key::P99_MS).is_some_and(f64::is_nan));
+        assert_eq!(back.notes, outcome.notes);
+
+        let unknown = json.replace(key::PARKED_RSS_MB, "no_such_value");
+        assert!(serde_json::from_str::<Outcome>(&unknown).is_err());
+    }
+
+    #[test]
+    fn every_key_once() {
+        let mut keys = key::ALL.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), key::ALL.len());
+    }
 
     #[test]
     fn thousands_separators() {

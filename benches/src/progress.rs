@@ -1,5 +1,6 @@
 //! Progress bars on stderr while the workloads run (hidden when stderr is not a
-//! terminal, as in CI, where the one-line summaries still show).
+//! terminal, as in CI, where the one-line summaries still show). A run in a child
+//! process (see [`crate::isolate`]) draws none: the parent's overall bar ticks on.
 
 use std::time::Duration;
 
@@ -19,6 +20,13 @@ impl Progress {
         let overall = multi.add(ProgressBar::new(total));
         overall.set_style(style("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}"));
         overall.enable_steady_tick(Duration::from_millis(200));
+        Self { multi, overall }
+    }
+
+    /// Bars that draw nowhere, for a child process whose parent draws its own.
+    pub(crate) fn hidden() -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
+        let overall = multi.add(ProgressBar::hidden());
         Self { multi, overall }
     }
 

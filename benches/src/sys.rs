@@ -1,7 +1,9 @@
 //! What the machine is and how much memory this process holds, read from `/proc`.
 //!
 //! The worker runs inside the bench process, so the process's resident set is the
-//! worker's (plus the harness's small share).
+//! worker's (plus the harness's small share). The workloads that read it run in a
+//! fresh child process each time (see [`crate::isolate`]), so it holds nothing of
+//! earlier workloads, whose freed memory the allocator would otherwise keep.
 
 use std::fs;
 
@@ -33,7 +35,8 @@ pub(crate) fn memory() -> Option<Memory> {
 }
 
 /// Resets `VmHWM` to the current resident size (writing 5 to `clear_refs`), so the
-/// next peak belongs to the next workload. Returns whether the kernel allowed it.
+/// next peak is the workload's, not the process's start-up's. Returns whether the
+/// kernel allowed it.
 pub(crate) fn reset_peak() -> bool {
     fs::write("/proc/self/clear_refs", "5").is_ok()
 }

@@ -118,8 +118,8 @@ const WORKLOADS: &str = "
   the workflow code asking for the activity (its turn not yet committed) to the
   activity's body starting.
 - `fanout-K` (K = 100, 1,000, 10,000): one workflow schedules K activities in one turn
-  and joins them; time to complete, and the process's peak RSS (`VmHWM`, reset before
-  the workload).
+  and joins them; time to complete, and the process's peak RSS (`VmHWM`, reset once
+  the worker has started).
 - `long-history`: one workflow of 10,000 sequential activities; mean time between
   activity starts over the first 100 steps and over the last 100.
 - `sleepers`: 100,000 workflows started 256 at a time, each parked in a durable timer
@@ -132,8 +132,8 @@ const WORKLOADS: &str = "
 
 Every workflow's result is checked; a wrong or missing result fails the run. The
 worker runs in the bench process with `WorkerOptions::default()` (queue-depth sampling
-off), so RSS figures are the worker's plus the harness's small share, and also what
-the allocator kept from earlier workloads of the same invocation: `RSS before` shows
-that share. For memory figures of one workload alone, run it alone
-(`cargo xtask bench --workload sleepers`).
+off). The workloads that measure memory (`fanout-K`, `sleepers`) do each run in a
+fresh child process of the harness, so their RSS figures are the worker's plus the
+harness's small share and hold nothing that earlier workloads left with the allocator;
+`RSS before` is that process's resident memory with its runtime and store open.
 ";

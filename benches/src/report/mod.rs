@@ -111,38 +111,15 @@ fn label(key: &str) -> &str {
     }
 }
 
-/// The order values are shown in: the headline first.
-const ORDER: [&str; 24] = [
-    key::SIZE,
-    key::STEPS_PER_S,
-    key::STEPS_PER_COMMIT,
-    key::WORKFLOWS_PER_S,
-    key::WORKFLOW_P50_MS,
-    key::SAMPLES,
-    key::P50_MS,
-    key::P95_MS,
-    key::P99_MS,
-    key::SCHEDULE_TO_START_P50_MS,
-    key::SCHEDULE_TO_START_P99_MS,
-    key::COMPLETE_S,
-    key::PEAK_RSS_MB,
-    key::BASELINE_RSS_MB,
-    key::FIRST_100_MS,
-    key::LAST_100_MS,
-    key::LAST_OVER_FIRST,
-    key::SETUP_S,
-    key::STARTS_S,
-    key::PARKED_RSS_MB,
-    key::STORM_S,
-    key::TIMERS_PER_S,
-    key::SINGLE_ROW_COMMITS_PER_S,
-    key::BATCHED_ROWS_PER_S,
-];
-
 /// Values as one line: `steps 12,345/s · 1.52x single-row commit rate · …`.
 fn line<'a>(values: impl Iterator<Item = (&'a str, Unit, f64)>) -> String {
     let mut values: Vec<_> = values.collect();
-    values.sort_by_key(|(key, ..)| ORDER.iter().position(|k| k == key).unwrap_or(ORDER.len()));
+    values.sort_by_key(|(name, ..)| {
+        key::ALL
+            .iter()
+            .position(|k| k == name)
+            .unwrap_or(key::ALL.len())
+    });
     let shown: Vec<String> = values
         .into_iter()
         .map(|(key, unit, value)| match key {

@@ -1,5 +1,6 @@
 //! `fanout-K`: one workflow schedules K activities in one turn and joins them; the time
-//! to complete and the process's peak resident memory.
+//! to complete and the process's peak resident memory. Each run has a process of its
+//! own (see [`crate::isolate`]), so the peak is this workload's alone.
 
 use std::time::Instant;
 

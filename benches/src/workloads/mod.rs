@@ -80,6 +80,12 @@ impl Workload {
         (!group.is_empty()).then_some(group)
     }
 
+    /// Whether the workload reads the process's resident memory ([`crate::sys::memory`]):
+    /// each of its runs then needs a process of its own (see [`crate::isolate`]).
+    pub(crate) fn reads_memory(self) -> bool {
+        matches!(self, Self::Fanout(_) | Self::Sleepers)
+    }
+
     /// Runs the workload once on a fresh `store`.
     pub(crate) async fn run(
         self,

@@ -1,7 +1,8 @@
 //! `sleepers`: many workflows parked in durable timers that all come due at the same
 //! instant. Measures the setup (starting them all, concurrently, until every timer is
 //! committed), the worker's resident memory while they are parked, and how fast the
-//! wake storm drains.
+//! wake storm drains. Each run has a process of its own (see [`crate::isolate`]), so
+//! the resident memory holds nothing of earlier workloads.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
