@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use keel_core::{ExecutionId, Failure, InstanceId, OpId, Outcome, QueueName, Timestamp, WorkItem};
 
+use crate::error::Result;
+use crate::orchestration::OrchestrationWork;
+
 /// Names one lease on a work item: proof when renewing or completing it. A token from
 /// an earlier lease of the same item is stale.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -62,6 +65,17 @@ pub struct ActivityCompletion {
     pub lease: LeaseToken,
     /// Output, or the failure that ends its retries.
     pub outcome: Outcome,
+}
+
+/// What [`Provider::complete_activities_locking`](crate::Provider::complete_activities_locking)
+/// committed.
+#[derive(Debug)]
+pub struct CompletedActivities {
+    /// One result per completion, in order, as
+    /// [`Provider::complete_activities`](crate::Provider::complete_activities) returns them.
+    pub results: Vec<Result<()>>,
+    /// The instances the outcomes went to that are locked for the caller.
+    pub locked: Vec<OrchestrationWork>,
 }
 
 /// A failed attempt to run again later.

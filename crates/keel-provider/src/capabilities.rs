@@ -24,6 +24,9 @@ pub struct Capabilities {
     /// [`Provider::ack_turns_leasing`](crate::Provider::ack_turns_leasing) leases the
     /// items it enqueues (rather than only enqueueing them).
     pub leases_on_ack: bool,
+    /// [`Provider::complete_activities_locking`](crate::Provider::complete_activities_locking)
+    /// locks the instances it sends outcomes to (rather than only sending them).
+    pub locks_on_completion: bool,
 }
 
 impl Default for Capabilities {
@@ -38,6 +41,7 @@ impl Default for Capabilities {
             activity_limits: true,
             database_clock: false,
             leases_on_ack: false,
+            locks_on_completion: false,
         }
     }
 }

@@ -10,8 +10,8 @@ mod orchestration;
 mod provider;
 
 pub use activity::{
-    ActivityCompletion, ActivityLimits, ActivityRetry, DeadLetter, DeadLetterId, FetchActivities,
-    LeaseToken, LeasedWorkItem, WorkKind,
+    ActivityCompletion, ActivityLimits, ActivityRetry, CompletedActivities, DeadLetter,
+    DeadLetterId, FetchActivities, LeaseToken, LeasedWorkItem, WorkKind,
 };
 pub use async_trait::async_trait;
 pub use capabilities::Capabilities;

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 
 use crate::activity::{
-    ActivityCompletion, ActivityLimits, ActivityRetry, DeadLetter, DeadLetterId, FetchActivities,
-    LeaseToken, LeasedWorkItem, WorkKind,
+    ActivityCompletion, ActivityLimits, ActivityRetry, CompletedActivities, DeadLetter,
+    DeadLetterId, FetchActivities, LeaseToken, LeasedWorkItem, WorkKind,
 };
 use crate::capabilities::Capabilities;
 use crate::error::Result;
@@ -132,6 +132,30 @@ pub trait Provider: Send + Sync + std::fmt::Debug + 'static {
         &self,
         completions: Vec<ActivityCompletion>,
     ) -> Result<Vec<Result<()>>>;
+
+    /// Completes items as [`complete_activities`](Self::complete_activities) does and, in
+    /// the same transactions, locks for the caller the instances their outcomes went
+    /// to, as a [`fetch_orchestrations`](Self::fetch_orchestrations) limited to those
+    /// instances would have: each one that is neither locked, paused nor suspended comes
+    /// back under a lock held until `locked_until`, with all its visible messages (and
+    /// its history when `lock.with_history`), at most `lock.max_instances` of them, in
+    /// completion order. This saves a worker that runs the next turn itself the fetch
+    /// ("eager dispatch"); an instance not locked this way is left for fetches.
+    ///
+    /// The default completes with `complete_activities` and locks nothing; a provider
+    /// that locks says so with
+    /// [`Capabilities::locks_on_completion`](crate::Capabilities::locks_on_completion).
+    async fn complete_activities_locking(
+        &self,
+        completions: Vec<ActivityCompletion>,
+        lock: FetchOrchestrations,
+    ) -> Result<CompletedActivities> {
+        let _ = lock;
+        Ok(CompletedActivities {
+            results: self.complete_activities(completions).await?,
+            locked: Vec::new(),
+        })
+    }
 
     /// Re-queues a leased item for its next attempt, invisible for `delay`, releasing
     /// the lease (a cancelled item is deleted instead). A stale lease is `Stale`, and

@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
-    Ack, AckedTurns, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Created,
-    DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery, InstanceRecord,
-    LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page,
-    PageRequest, Provider, PurgeFilter, QueueDepths, Result as ProviderResult, TurnOutcome,
-    WorkKind,
+    Ack, AckedTurns, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities,
+    CompletedActivities, Created, DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations,
+    InstanceQuery, InstanceRecord, LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict,
+    OrchestrationWork, Page, PageRequest, Provider, PurgeFilter, QueueDepths,
+    Result as ProviderResult, TurnOutcome, WorkKind,
 };
 use tokio::task::JoinHandle;
 
@@ -304,6 +304,26 @@ impl Provider for RedisNotifier {
             self.announce(Topics::default().with(Topic::Orchestrations));
         }
         results
+    }
+
+    async fn complete_activities_locking(
+        &self,
+        completions: Vec<ActivityCompletion>,
+        lock: FetchOrchestrations,
+    ) -> ProviderResult<CompletedActivities> {
+        let completed = self
+            .inner
+            .complete_activities_locking(completions, lock)
+            .await;
+        if let Ok(completed) = &completed {
+            // Each completion tells one instance at most: when as many were locked for
+            // the caller as completions committed, no other worker has a turn to run.
+            let committed = completed.results.iter().filter(|r| r.is_ok()).count();
+            if committed > completed.locked.len() {
+                self.announce(Topics::default().with(Topic::Orchestrations));
+            }
+        }
+        completed
     }
 
     async fn retry_activity(&self, retry: ActivityRetry) -> ProviderResult<()> {

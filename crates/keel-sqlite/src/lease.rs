@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use keel_core::{Message, encode_record};
 use keel_provider::{
-    ActivityCompletion, ActivityRetry, ErrorKind, LeaseToken, ProviderError, Result, WorkKind,
+    ActivityCompletion, ActivityRetry, CompletedActivities, ErrorKind, FetchOrchestrations,
+    LeaseToken, ProviderError, Result, WorkKind,
 };
 
 use crate::convert::{check_size, col, execution, later, millis, op, u64_bits};
 use crate::dead_letter;
 use crate::instance::insert_message;
+use crate::orchestration::{Scope, claim};
 use crate::provider::SqliteProvider;
 use crate::query::{self, execute};
 use crate::writer::WriteCtx;
@@ -87,12 +89,18 @@ struct PreparedCompletion {
     failure: Option<Vec<u8>>,
 }
 
+/// Completes the items; with `lock`, also locks the instances the outcomes went to
+/// (eager dispatch of their next turns).
 pub(crate) async fn complete(
     p: &SqliteProvider,
     completions: Vec<ActivityCompletion>,
-) -> Result<Vec<Result<()>>> {
+    lock: Option<FetchOrchestrations>,
+) -> Result<CompletedActivities> {
     if completions.is_empty() {
-        return Ok(Vec::new());
+        return Ok(CompletedActivities {
+            results: Vec::new(),
+            locked: Vec::new(),
+        });
     }
     let limit = p.inner.capabilities.max_record_bytes;
     // An item's instance, execution and op never change: read them from a reader, so
@@ -138,26 +146,49 @@ pub(crate) async fn complete(
             Err(error) => results.push(Some(Err(error))),
         }
     }
+    let mut locked = Vec::new();
     if !prepared.is_empty() {
-        let committed = p
+        let max_locked = p.inner.capabilities.max_fetch_instances;
+        let (committed, claimed) = p
             .write(move |ctx| {
                 let mut results = Vec::with_capacity(prepared.len());
+                let mut told = Vec::new();
                 for completion in prepared {
-                    results.push(complete_one(ctx, completion)?);
+                    let result = complete_one(ctx, completion)?;
+                    if let Ok(Some(instance)) = &result
+                        && !told.contains(instance)
+                    {
+                        told.push(instance.clone());
+                    }
+                    results.push(result.map(|_| ()));
                 }
-                Ok(results)
+                let claimed = match lock {
+                    Some(lock) => {
+                        let max = lock.max_instances.min(max_locked);
+                        let scope = Scope::Only(&told);
+                        claim(ctx, scope, max, lock.lock_for, lock.with_history)?
+                    }
+                    None => Vec::new(),
+                };
+                // Outcomes for instances left unlocked are work for the fetchers.
+                if claimed.len() < told.len() {
+                    ctx.wake(WorkKind::Orchestrations);
+                }
+                Ok((results, claimed))
             })
             .await?;
+        locked = claimed;
         for (i, result) in indexes.into_iter().zip(committed) {
             if let Some(slot) = results.get_mut(i) {
                 *slot = Some(result);
             }
         }
     }
-    Ok(results
+    let results = results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(ProviderError::new(ErrorKind::Internal, "lost"))))
-        .collect())
+        .collect();
+    Ok(CompletedActivities { results, locked })
 }
 
 fn prepare(
@@ -201,7 +232,11 @@ fn prepare(
 /// expired) or the item was cancelled; nothing deleted means the lease is stale. A
 /// held, uncancelled item then enqueues its outcome, and a failure becomes a dead
 /// letter with the item's stored bytes.
-fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<Result<()>> {
+/// Completes one item; `Ok(Some(instance))` when its outcome was sent to `instance`.
+fn complete_one(
+    ctx: &mut WriteCtx,
+    completion: PreparedCompletion,
+) -> Result<Result<Option<String>>> {
     let now = millis(ctx.now());
     let deleted = query::first(
         &ctx.conn,
@@ -230,26 +265,26 @@ fn complete_one(ctx: &mut WriteCtx, completion: PreparedCompletion) -> Result<Re
     let Some(deleted) = deleted else {
         return Ok(Err(stale(&completion.lease)));
     };
-    if let Some((instance, execution, op, name, attempts, body)) = deleted {
-        insert_message(&ctx.conn, &instance, now, now, &completion.message)?;
-        if let Some(failure) = &completion.failure {
-            dead_letter::insert(
-                &ctx.conn,
-                &dead_letter::Record {
-                    instance: &instance,
-                    execution,
-                    op,
-                    name: &name,
-                    attempts,
-                    failure,
-                    item: Some(&body),
-                },
-                now,
-            )?;
-        }
+    let Some((instance, execution, op, name, attempts, body)) = deleted else {
+        return Ok(Ok(None)); // cancelled while it ran: the outcome is dropped
+    };
+    insert_message(&ctx.conn, &instance, now, now, &completion.message)?;
+    if let Some(failure) = &completion.failure {
+        dead_letter::insert(
+            &ctx.conn,
+            &dead_letter::Record {
+                instance: &instance,
+                execution,
+                op,
+                name: &name,
+                attempts,
+                failure,
+                item: Some(&body),
+            },
+            now,
+        )?;
     }
-    ctx.wake(WorkKind::Orchestrations);
-    Ok(Ok(()))
+    Ok(Ok(Some(instance)))
 }
 
 /// Releases a held lease, the item visible again at `visible_at` with `attempt` (when

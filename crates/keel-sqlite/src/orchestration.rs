@@ -31,8 +31,25 @@ pub(crate) async fn fetch(
     p.inner
         .wake
         .fetched(WorkKind::Orchestrations, p.clock_now());
-    p.write(move |ctx| fetch_tx(ctx, max, request.lock_for, request.with_history))
-        .await
+    p.write(move |ctx| {
+        claim(
+            ctx,
+            Scope::Queue,
+            max,
+            request.lock_for,
+            request.with_history,
+        )
+    })
+    .await
+}
+
+/// Which instances a claim looks at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    /// Any, in claim order.
+    Queue,
+    /// Only these, in this order (those a completion just sent outcomes to).
+    Only(&'a [String]),
 }
 
 /// A claimable instance found by the scan.
@@ -56,15 +73,18 @@ struct Loaded {
     corrupt: Option<ProviderError>,
 }
 
-fn fetch_tx(
+/// Locks up to `max` claimable instances of `scope` for `lock_for` and returns their
+/// work, inside the caller's transaction.
+pub(crate) fn claim(
     ctx: &mut WriteCtx,
+    scope: Scope<'_>,
     max: usize,
     lock_for: Duration,
     with_history: bool,
 ) -> Result<Vec<OrchestrationWork>> {
     let now_ts = ctx.now();
     let now = millis(now_ts);
-    let good = claimable(ctx, max, now, with_history)?;
+    let good = claimable(ctx, scope, max, now, with_history)?;
     if good.is_empty() {
         return Ok(Vec::new());
     }
@@ -97,6 +117,7 @@ fn fetch_tx(
 /// and the scan goes on, so that set-aside instances do not use up the batch.
 fn claimable(
     ctx: &mut WriteCtx,
+    scope: Scope<'_>,
     max: usize,
     now: i64,
     with_history: bool,
@@ -106,7 +127,11 @@ fn claimable(
     loop {
         // The instances chosen so far are still claimable, and first in claim order:
         // a scan after a set-aside finds them again, then the next ones.
-        let candidates: Vec<Candidate> = scan(ctx, max, now)?
+        let found = match scope {
+            Scope::Queue => scan(ctx, max, now)?,
+            Scope::Only(ids) => scan_only(ctx, ids, now)?,
+        };
+        let candidates: Vec<Candidate> = found
             .into_iter()
             .filter(|c| !chosen.contains(&c.seq))
             .take(max.saturating_sub(good.len()))
@@ -221,6 +246,35 @@ fn scan(ctx: &WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>> {
             return Ok(candidates);
         }
     }
+}
+
+/// Those of `ids` that are claimable (as [`scan`] defines it), in that order.
+fn scan_only(ctx: &WriteCtx, ids: &[String], now: i64) -> Result<Vec<Candidate>> {
+    let mut candidates = Vec::new();
+    for id in ids {
+        let candidate = query::first(
+            &ctx.conn,
+            "SELECT seq, id, name, version, status, execution, history_len FROM instances i \
+             WHERE id = ?1 AND (locked_until IS NULL OR locked_until <= ?2) \
+               AND status NOT IN ('paused', 'suspended') \
+               AND EXISTS (SELECT 1 FROM messages m \
+                 WHERE m.instance = i.id AND m.ready = 1 AND m.visible_at <= ?2)",
+            (id, now),
+            |row| {
+                Ok(Candidate {
+                    seq: col(row, 0)?,
+                    id: col(row, 1)?,
+                    name: col(row, 2)?,
+                    version: col(row, 3)?,
+                    status: col(row, 4)?,
+                    execution: col(row, 5)?,
+                    history_len: col(row, 6)?,
+                })
+            },
+        )?;
+        candidates.extend(candidate);
+    }
+    Ok(candidates)
 }
 
 /// Reads the candidates' visible messages (oldest first) and, when asked, their

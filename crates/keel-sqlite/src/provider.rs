@@ -10,8 +10,8 @@ use std::time::Duration;
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
     Ack, AckedTurns, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Clock,
-    Created, DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations, InstanceQuery,
-    InstanceRecord, LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict,
+    CompletedActivities, Created, DeadLetter, DeadLetterId, FetchActivities, FetchOrchestrations,
+    InstanceQuery, InstanceRecord, LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict,
     OrchestrationWork, Page, PageRequest, Provider, PurgeFilter, QueueDepths, Result, WorkKind,
 };
 use rusqlite::{Connection, OpenFlags};
@@ -167,6 +167,7 @@ impl SqliteProvider {
         capabilities.max_record_bytes = options.max_record_bytes;
         capabilities.max_history_events = options.max_history_events;
         capabilities.leases_on_ack = true;
+        capabilities.locks_on_completion = true;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
@@ -286,7 +287,15 @@ impl Provider for SqliteProvider {
         &self,
         completions: Vec<ActivityCompletion>,
     ) -> Result<Vec<Result<()>>> {
-        lease::complete(self, completions).await
+        Ok(lease::complete(self, completions, None).await?.results)
+    }
+
+    async fn complete_activities_locking(
+        &self,
+        completions: Vec<ActivityCompletion>,
+        lock: FetchOrchestrations,
+    ) -> Result<CompletedActivities> {
+        lease::complete(self, completions, Some(lock)).await
     }
 
     async fn retry_activity(&self, retry: ActivityRetry) -> Result<()> {

@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use keel_core::{ExecutionId, Failure, InstanceId, OpId, Payload, RetryDecision};
 use keel_provider::{
-    ActivityCompletion, ActivityRetry, ErrorKind, FetchActivities, LeaseToken, LeasedWorkItem,
-    WorkKind,
+    ActivityCompletion, ActivityRetry, CompletedActivities, ErrorKind, FetchActivities,
+    FetchOrchestrations, LeaseToken, LeasedWorkItem, OrchestrationWork, WorkKind,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::activity::{ActivityContext, Attempt};
 use crate::metrics;
+use crate::orchestrations::Orchestrator;
 use crate::worker::{Shared, claimed_at, idle, pause_after_error};
 
 /// Runs leased items, each in its own task, at most `max_concurrent_activities` at
@@ -348,14 +349,27 @@ impl Running {
 #[derive(Debug, Clone)]
 pub(crate) struct Committer {
     sender: mpsc::Sender<(ActivityCompletion, oneshot::Sender<()>)>,
+    turns: Arc<OnceLock<Weak<Orchestrator>>>,
 }
 
 impl Committer {
     /// The committer and the task that drains it; the task ends when every clone of
     /// the committer is dropped.
-    pub(crate) fn start(shared: Arc<Shared>) -> (Self, tokio::task::JoinHandle<()>) {
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        tasks: TaskTracker,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(shared.options.max_concurrent_activities.max(1));
-        (Self { sender }, tokio::spawn(commit_loop(shared, receiver)))
+        let turns = Arc::new(OnceLock::new());
+        let drain = tokio::spawn(commit_loop(shared, tasks, Arc::clone(&turns), receiver));
+        (Self { sender, turns }, drain)
+    }
+
+    /// From now on, commits lock the instances they send outcomes to and run their
+    /// next turns on `orchestrator` (eager dispatch). Held weakly: the orchestrator
+    /// holds the committer.
+    pub(crate) fn hand_turns_to(&self, orchestrator: &Arc<Orchestrator>) {
+        let _ = self.turns.set(Arc::downgrade(orchestrator));
     }
 
     /// Commits one outcome (with whatever else is waiting), and returns once it is.
@@ -373,6 +387,8 @@ const COMMIT_TRIES: u32 = 6;
 
 async fn commit_loop(
     shared: Arc<Shared>,
+    tasks: TaskTracker,
+    turns: Arc<OnceLock<Weak<Orchestrator>>>,
     mut receiver: mpsc::Receiver<(ActivityCompletion, oneshot::Sender<()>)>,
 ) {
     let max_batch = shared.provider.capabilities().max_batch.max(1);
@@ -385,27 +401,59 @@ async fn commit_loop(
             }
         }
         let (completions, waiting): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        commit(&shared, completions).await;
+        let orchestrator = turns
+            .get()
+            .and_then(Weak::upgrade)
+            .filter(|_| !shared.stop.is_cancelled());
+        let locked = commit(&shared, completions, orchestrator.is_some()).await;
+        // Before the attempts hear their outcome is in: while they run, shutdown waits,
+        // so the turns are tracked before it can stop waiting.
+        if let Some(orchestrator) = orchestrator.filter(|_| !locked.is_empty()) {
+            tasks.spawn(async move { orchestrator.run_batch(locked).await });
+        }
         for done in waiting {
             let _ = done.send(());
         }
     }
 }
 
-async fn commit(shared: &Shared, completions: Vec<ActivityCompletion>) {
+/// Commits `completions`, retrying while the store is unavailable; with `lock_turns`,
+/// also locks the instances told, and returns their work.
+async fn commit(
+    shared: &Shared,
+    completions: Vec<ActivityCompletion>,
+    lock_turns: bool,
+) -> Vec<OrchestrationWork> {
+    let options = &shared.options;
+    let lock = FetchOrchestrations {
+        max_instances: options.orchestration_batch,
+        lock_for: options.lock_duration,
+        with_history: false,
+    };
     for tried in 1..=COMMIT_TRIES {
-        match shared
-            .provider
-            .complete_activities(completions.clone())
-            .await
-        {
-            Ok(results) => {
+        let committed = if lock_turns {
+            shared
+                .provider
+                .complete_activities_locking(completions.clone(), lock.clone())
+                .await
+        } else {
+            shared
+                .provider
+                .complete_activities(completions.clone())
+                .await
+                .map(|results| CompletedActivities {
+                    results,
+                    locked: Vec::new(),
+                })
+        };
+        match committed {
+            Ok(CompletedActivities { results, locked }) => {
                 for (result, completion) in results.into_iter().zip(&completions) {
                     if let Err(error) = result {
                         tracing::warn!(%error, item = completion.lease.item(), "an activity's outcome was not recorded");
                     }
                 }
-                return;
+                return locked;
             }
             Err(error) if error.is_retryable() && tried < COMMIT_TRIES => {
                 tracing::warn!(%error, "committing activity outcomes failed; trying again");
@@ -414,8 +462,9 @@ async fn commit(shared: &Shared, completions: Vec<ActivityCompletion>) {
             // The leases expire and the items run again: at least once, never lost.
             Err(error) => {
                 tracing::error!(%error, count = completions.len(), "committing activity outcomes failed");
-                return;
+                return Vec::new();
             }
         }
     }
+    Vec::new()
 }

@@ -152,7 +152,9 @@ impl Orchestrator {
         }
     }
 
-    async fn run_batch(&self, work: Vec<OrchestrationWork>) {
+    /// Runs the turns of a batch of locked instances, fetched by a lane or locked for
+    /// this worker as its activities completed, and commits them together.
+    pub(crate) async fn run_batch(&self, work: Vec<OrchestrationWork>) {
         let started = Instant::now();
         let steps = join_all(work.into_iter().map(|work| {
             let span = tracing::info_span!(

@@ -77,18 +77,23 @@ impl Worker {
         let mut committer = None;
         let mut activities = None;
         if shared.options.activities {
-            let (sender, drain) = Committer::start(Arc::clone(&shared));
+            let (sender, drain) = Committer::start(Arc::clone(&shared), tasks.clone());
+            committer = Some((sender.clone(), drain));
             let runner = Arc::new(Activities::new(Arc::clone(&shared), tasks.clone(), sender));
             tasks.spawn(activities::run(Arc::clone(&runner)));
-            committer = Some(drain);
             activities = Some(runner);
         }
         if shared.options.orchestrations {
             let orchestrator = Arc::new(Orchestrator::new(Arc::clone(&shared), activities));
+            if let Some((sender, _)) = &committer {
+                sender.hand_turns_to(&orchestrator);
+            }
             for _ in 0..shared.options.orchestration_lanes {
                 tasks.spawn(Arc::clone(&orchestrator).run_lane());
             }
         }
+        // Only the runner's tasks keep the committer's channel open from here on.
+        let committer = committer.map(|(_, drain)| drain);
         if let Some(every) = shared.options.queue_depth_interval {
             tasks.spawn(sample_queue_depths(Arc::clone(&shared), every));
         }

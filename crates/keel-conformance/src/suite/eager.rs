@@ -1,19 +1,23 @@
 //! Eager dispatch: `ack_turns_leasing` commits turns and leases to the caller the items
-//! they enqueue. A provider that does not claim `leases_on_ack` must lease nothing and
-//! enqueue everything; one that does must lease exactly what the request allows, and a
-//! leased item must then behave as one a fetch leased.
+//! they enqueue; `complete_activities_locking` completes items and locks for the caller
+//! the instances they tell. A provider that does not claim `leases_on_ack` (or
+//! `locks_on_completion`) must lease (lock) nothing and leave everything to fetches; one
+//! that does must take exactly what the request allows, and what it took must then
+//! behave as what a fetch took.
 
 use std::time::Duration;
 
-use keel_core::{ActivityOptions, Outcome, WorkItem};
+use keel_core::{ActivityOptions, Message, Outcome, WorkItem};
 use keel_provider::{
-    AckedTurns, ActivityLimits, ErrorKind, FetchActivities, LeasedWorkItem, Provider,
+    AckedTurns, ActivityCompletion, ActivityLimits, CompletedActivities, ErrorKind,
+    FetchActivities, FetchOrchestrations, LeasedWorkItem, Provider,
 };
 
 use crate::TestStore;
 use crate::fixtures::{
-    LEASE, PAST_SHORT, SHORT, activity, complete, fetch_for, fetch_instance, lease, lease_queues,
-    messages_for, ops, payload, provider_now, queue, running, scheduling_ack,
+    LEASE, LOCK, PAST_SHORT, SHORT, ack_all, ack_one, activity, assert_nothing_fetchable, complete,
+    fetch_for, fetch_instance, id, lease, lease_queues, messages_for, ops, payload, provider_now,
+    queue, running, schedule, scheduling_ack, signal,
 };
 use crate::store::skip_unless;
 
@@ -30,6 +34,9 @@ macro_rules! __conformance_eager {
                 an_item_leased_on_ack_whose_lease_expires_is_delivered_again,
                 only_items_of_the_named_queues_and_of_names_without_limits_are_leased,
                 a_rejected_ack_leases_nothing,
+                a_completion_locks_the_instance_it_tells_with_its_messages,
+                a_completion_leaves_locked_and_paused_instances_to_fetches,
+                a_completion_locks_at_most_max_instances_in_completion_order,
             ]
         );
     };
@@ -43,11 +50,11 @@ async fn schedule_leasing(
     items: Vec<WorkItem>,
     lease: FetchActivities,
 ) -> AckedTurns {
-    let id = running(p, instance).await;
-    p.send_message(&id, crate::fixtures::signal("go", 0), None)
+    let started = running(p, instance).await;
+    p.send_message(&started, signal("go", 0), None)
         .await
         .expect("send succeeds");
-    let work = fetch_instance(p, &id)
+    let work = fetch_instance(p, &started)
         .await
         .expect("the signal makes the instance fetchable");
     let at = provider_now(p).await;
@@ -231,8 +238,8 @@ pub async fn only_items_of_the_named_queues_and_of_names_without_limits_are_leas
 /// An ack whose lock was taken over is rejected: it enqueues nothing and leases nothing.
 pub async fn a_rejected_ack_leases_nothing(store: TestStore) {
     let p = &*store.provider;
-    let id = running(p, "a").await;
-    p.send_message(&id, crate::fixtures::signal("go", 0), None)
+    let started = running(p, "a").await;
+    p.send_message(&started, signal("go", 0), None)
         .await
         .expect("send succeeds");
     let old = fetch_for(p, 10, SHORT).await;
@@ -253,4 +260,165 @@ pub async fn a_rejected_ack_leases_nothing(store: TestStore) {
     assert_eq!(rejected.kind(), ErrorKind::Stale);
     assert!(acked.leased.is_empty(), "a rejected ack leases nothing");
     assert!(lease(p, 10).await.is_empty(), "and enqueues nothing");
+}
+
+/// Schedules one item (op 1) for each of `instances`, leases them all and completes
+/// them in that order with `complete_activities_locking`, locking at most
+/// `max_instances`.
+async fn complete_locking(
+    p: &dyn Provider,
+    instances: &[&str],
+    max_instances: usize,
+) -> CompletedActivities {
+    for instance in instances {
+        let at = provider_now(p).await;
+        schedule(p, instance, vec![activity(instance, 1, "step", at)]).await;
+    }
+    let mut leased = lease(p, 10).await;
+    assert_eq!(leased.len(), instances.len());
+    // Completion order is the order of `instances`.
+    leased.sort_by_key(|l| {
+        instances
+            .iter()
+            .position(|i| *i == l.item.instance.as_str())
+    });
+    let completions = leased
+        .iter()
+        .map(|l| ActivityCompletion {
+            lease: l.lease.clone(),
+            outcome: Ok(payload(&serde_json::json!(l.item.instance.as_str()))),
+        })
+        .collect();
+    let lock = FetchOrchestrations {
+        max_instances,
+        lock_for: LOCK,
+        with_history: true,
+    };
+    let completed = p
+        .complete_activities_locking(completions, lock)
+        .await
+        .expect("the completion call itself succeeds");
+    assert_eq!(
+        completed.results.len(),
+        instances.len(),
+        "one result per completion"
+    );
+    for result in &completed.results {
+        result.as_ref().expect("the completion commits");
+    }
+    completed
+}
+
+/// The instance a completion told comes back locked, as a fetch of it would return it
+/// (the outcome among its messages, its history), is not fetchable meanwhile, and its
+/// lock commits an ack.
+pub async fn a_completion_locks_the_instance_it_tells_with_its_messages(store: TestStore) {
+    let p = &*store.provider;
+    let completed = complete_locking(p, &["a"], 10).await;
+    let test = "eager::a_completion_locks_the_instance_it_tells_with_its_messages";
+    if skip_unless(
+        store.capabilities().locks_on_completion,
+        test,
+        "locks_on_completion",
+    ) {
+        assert!(
+            completed.locked.is_empty(),
+            "a provider that does not lock on completion locks nothing"
+        );
+        assert_eq!(messages_for(p, &id("a")).await.len(), 1);
+        return;
+    }
+    assert_eq!(completed.locked.len(), 1);
+    let work = &completed.locked[0];
+    assert_eq!(work.lock.instance().as_str(), "a");
+    let told: Vec<&Message> = work.messages.iter().map(|m| &m.message).collect();
+    assert!(
+        matches!(told.as_slice(), [Message::ActivityDone { op, outcome: Outcome::Ok(_), .. }] if op.get() == 1),
+        "the outcome is the one visible message: {told:?}"
+    );
+    let history = work.history.as_ref().expect("the history was asked for");
+    assert_eq!(history.len() as u64, work.history_len);
+    assert!(
+        work.history_len > 0,
+        "the scheduling turn's events are there"
+    );
+    assert_nothing_fetchable(p, "the instance is locked for the completing worker").await;
+    ack_one(p, ack_all(work))
+        .await
+        .expect("the lock taken on completion commits an ack");
+    assert_nothing_fetchable(p, "the ack consumed the outcome").await;
+}
+
+/// An instance locked by someone else, or paused, is not locked by a completion: its
+/// outcome waits for a fetch like any message.
+pub async fn a_completion_leaves_locked_and_paused_instances_to_fetches(store: TestStore) {
+    let p = &*store.provider;
+    let at = provider_now(p).await;
+    schedule(p, "a", vec![activity("a", 1, "step", at)]).await;
+    schedule(p, "b", vec![activity("b", 1, "step", at)]).await;
+    let leased = lease(p, 10).await;
+    assert_eq!(leased.len(), 2);
+    let a = id("a");
+    let b = id("b");
+    p.send_message(&a, signal("s", 1), None)
+        .await
+        .expect("send succeeds");
+    let held = fetch_instance(p, &a).await.expect("a has a signal");
+    p.pause(&b).await.expect("pausing succeeds");
+    let completions = leased
+        .iter()
+        .map(|l| ActivityCompletion {
+            lease: l.lease.clone(),
+            outcome: Ok(payload(&serde_json::json!(1))),
+        })
+        .collect();
+    let lock = FetchOrchestrations {
+        max_instances: 10,
+        lock_for: LOCK,
+        with_history: false,
+    };
+    let completed = p
+        .complete_activities_locking(completions, lock)
+        .await
+        .expect("the completion call itself succeeds");
+    assert!(completed.results.iter().all(Result::is_ok), "both commit");
+    assert!(
+        completed.locked.is_empty(),
+        "neither instance is locked: {:?}",
+        completed.locked
+    );
+    p.abandon_lock(&held.lock, Duration::ZERO)
+        .await
+        .expect("the fetch's lock is still held");
+    let fetched = fetch_for(p, 10, LOCK).await;
+    assert_eq!(
+        fetched.len(),
+        1,
+        "a is fetchable once released; b stays paused"
+    );
+    assert_eq!(fetched[0].messages.len(), 2, "the signal and the outcome");
+}
+
+/// At most `max_instances` instances are locked, the first ones told; the rest are left
+/// to fetches.
+pub async fn a_completion_locks_at_most_max_instances_in_completion_order(store: TestStore) {
+    let p = &*store.provider;
+    let completed = complete_locking(p, &["c", "a", "b"], 2).await;
+    let test = "eager::a_completion_locks_at_most_max_instances_in_completion_order";
+    if skip_unless(
+        store.capabilities().locks_on_completion,
+        test,
+        "locks_on_completion",
+    ) {
+        return;
+    }
+    let locked: Vec<&str> = completed
+        .locked
+        .iter()
+        .map(|w| w.lock.instance().as_str())
+        .collect();
+    assert_eq!(locked, ["c", "a"]);
+    let fetched = fetch_for(p, 10, LOCK).await;
+    let fetched: Vec<&str> = fetched.iter().map(|w| w.lock.instance().as_str()).collect();
+    assert_eq!(fetched, ["b"], "the one left is fetchable");
 }
