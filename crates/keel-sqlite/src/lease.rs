@@ -1,6 +1,5 @@
 //! Leased work items: renewing, completing, retrying and abandoning a lease.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use keel_core::{Message, encode_record};
@@ -79,7 +78,7 @@ pub(crate) async fn renew(p: &SqliteProvider, lease: &LeaseToken, extend: Durati
     .await
 }
 
-/// A completion with its outcome message encoded and size-checked, off the writer.
+/// A completion with its outcome message encoded and size-checked.
 #[derive(Debug)]
 struct PreparedCompletion {
     lease: LeaseToken,
@@ -103,105 +102,66 @@ pub(crate) async fn complete(
         });
     }
     let limit = p.inner.capabilities.max_record_bytes;
-    // An item's instance, execution and op never change: read them from a reader, so
-    // that the outcome messages are encoded off the writer.
-    let ids: Vec<i64> = completions
-        .iter()
-        .map(|c| u64_bits(c.lease.item()))
-        .collect();
-    let items = p
-        .read(move |conn| {
-            let mut items = HashMap::with_capacity(ids.len());
-            for id in ids {
-                let found = query::first(
-                    conn,
-                    "SELECT instance, execution, op FROM work_items WHERE id = ?1",
-                    [id],
-                    |row| {
-                        Ok((
-                            col::<String>(row, 0)?,
-                            col::<i64>(row, 1)?,
-                            col::<i64>(row, 2)?,
-                        ))
-                    },
-                )?;
-                if let Some(item) = found {
-                    items.insert(id, item);
-                }
+    let max_locked = p.inner.capabilities.max_fetch_instances;
+    // Each outcome is encoded on the writer, where the item's identity is one primary
+    // key read away: a read on another connection first would cost a thread hop.
+    p.write(move |ctx| {
+        let mut results = Vec::with_capacity(completions.len());
+        let mut told = Vec::new();
+        for completion in completions {
+            let item = query::first(
+                &ctx.conn,
+                "SELECT instance, execution, op FROM work_items WHERE id = ?1",
+                [u64_bits(completion.lease.item())],
+                |row| {
+                    Ok((
+                        col::<String>(row, 0)?,
+                        col::<i64>(row, 1)?,
+                        col::<i64>(row, 2)?,
+                    ))
+                },
+            )?;
+            let result = match prepare(completion, item, limit) {
+                Ok(prepared) => complete_one(ctx, prepared)?,
+                Err(error) => Err(error),
+            };
+            if let Ok(Some(instance)) = &result
+                && !told.contains(instance)
+            {
+                told.push(instance.clone());
             }
-            Ok(items)
-        })
-        .await?;
-    let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(completions.len());
-    let mut indexes = Vec::new();
-    let mut prepared = Vec::new();
-    for (i, completion) in completions.into_iter().enumerate() {
-        let item = items.get(&u64_bits(completion.lease.item()));
-        match prepare(completion, item, limit) {
-            Ok(completion) => {
-                indexes.push(i);
-                prepared.push(completion);
-                results.push(None);
-            }
-            Err(error) => results.push(Some(Err(error))),
+            results.push(result.map(|_| ()));
         }
-    }
-    let mut locked = Vec::new();
-    if !prepared.is_empty() {
-        let max_locked = p.inner.capabilities.max_fetch_instances;
-        let (committed, claimed) = p
-            .write(move |ctx| {
-                let mut results = Vec::with_capacity(prepared.len());
-                let mut told = Vec::new();
-                for completion in prepared {
-                    let result = complete_one(ctx, completion)?;
-                    if let Ok(Some(instance)) = &result
-                        && !told.contains(instance)
-                    {
-                        told.push(instance.clone());
-                    }
-                    results.push(result.map(|_| ()));
-                }
-                let claimed = match lock {
-                    Some(lock) => {
-                        let max = lock.max_instances.min(max_locked);
-                        let scope = Scope::Only(&told);
-                        claim(ctx, scope, max, lock.lock_for, lock.with_history)?
-                    }
-                    None => Vec::new(),
-                };
-                // Outcomes for instances left unlocked are work for the fetchers.
-                if claimed.len() < told.len() {
-                    ctx.wake(WorkKind::Orchestrations);
-                }
-                Ok((results, claimed))
-            })
-            .await?;
-        locked = claimed;
-        for (i, result) in indexes.into_iter().zip(committed) {
-            if let Some(slot) = results.get_mut(i) {
-                *slot = Some(result);
+        let locked = match lock {
+            Some(lock) => {
+                let max = lock.max_instances.min(max_locked);
+                let scope = Scope::Only(&told);
+                claim(ctx, scope, max, lock.lock_for, lock.with_history)?
             }
+            None => Vec::new(),
+        };
+        // Outcomes for instances left unlocked are work for the fetchers.
+        if locked.len() < told.len() {
+            ctx.wake(WorkKind::Orchestrations);
         }
-    }
-    let results = results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(ProviderError::new(ErrorKind::Internal, "lost"))))
-        .collect();
-    Ok(CompletedActivities { results, locked })
+        Ok(CompletedActivities { results, locked })
+    })
+    .await
 }
 
+/// Encodes and size-checks `completion`'s outcome message for `item` (its instance,
+/// execution and op, as stored).
 fn prepare(
     completion: ActivityCompletion,
-    item: Option<&(String, i64, i64)>,
+    item: Option<(String, i64, i64)>,
     limit: usize,
 ) -> Result<PreparedCompletion> {
     let lease = completion.lease;
     // Gone already: completed, cancelled and dropped, or its instance deleted.
     let (instance, execution_raw, op_raw) = item.ok_or_else(|| stale(&lease))?;
     let message = Message::ActivityDone {
-        execution: execution(*execution_raw)?,
-        op: op(*op_raw),
+        execution: execution(execution_raw)?,
+        op: op(op_raw),
         outcome: completion.outcome,
     };
     let body = encode_record(&message)?;

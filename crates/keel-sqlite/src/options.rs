@@ -50,6 +50,7 @@ pub struct SqliteOptions {
     pub(crate) busy_timeout: Duration,
     pub(crate) max_record_bytes: usize,
     pub(crate) max_history_events: u64,
+    pub(crate) checkpoint_pages: u32,
 }
 
 impl fmt::Debug for SqliteOptions {
@@ -61,6 +62,7 @@ impl fmt::Debug for SqliteOptions {
             .field("busy_timeout", &self.busy_timeout)
             .field("max_record_bytes", &self.max_record_bytes)
             .field("max_history_events", &self.max_history_events)
+            .field("checkpoint_pages", &self.checkpoint_pages)
             .finish()
     }
 }
@@ -75,13 +77,15 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             max_record_bytes: limits.max_record_bytes,
             max_history_events: limits.max_history_events,
+            checkpoint_pages: 16_384,
         }
     }
 }
 
 impl SqliteOptions {
     /// The defaults: `synchronous = FULL`, the system clock, four readers, a five-second
-    /// busy timeout and the default [`Capabilities`] limits.
+    /// busy timeout, the default [`Capabilities`] limits and checkpoints every 16,384
+    /// WAL pages.
     pub fn new() -> Self {
         Self::default()
     }
@@ -128,6 +132,19 @@ impl SqliteOptions {
     #[must_use]
     pub fn max_history_events(mut self, events: u64) -> Self {
         self.max_history_events = events;
+        self
+    }
+
+    /// Sets how many pages the write-ahead log may hold before a commit copies them
+    /// back into the database file (`PRAGMA wal_autocheckpoint`; 0 turns automatic
+    /// checkpoints off). The default, 16,384 pages (64 MiB of 4 KiB pages), is 16 times
+    /// SQLite's own: a busy workflow store rewrites the same hot pages in every commit,
+    /// and a checkpoint copies each page once however often it was logged, so rarer
+    /// checkpoints cost the writer less per commit (linear-3 ~6 % faster here). The log
+    /// file grows to about that size between checkpoints.
+    #[must_use]
+    pub fn checkpoint_pages(mut self, pages: u32) -> Self {
+        self.checkpoint_pages = pages;
         self
     }
 }

@@ -74,15 +74,17 @@ struct Connect {
     target: Target,
     busy_timeout: Duration,
     synchronous: Synchronous,
+    checkpoint_pages: u32,
 }
 
 impl Connect {
-    /// The write connection: creates the database, switches a file to WAL, and sets
-    /// the durability of commits.
+    /// The write connection: creates the database, switches a file to WAL (with its
+    /// checkpoint interval), and sets the durability of commits.
     fn writer(&self) -> rusqlite::Result<Connection> {
         let conn = self.open(OpenFlags::SQLITE_OPEN_CREATE)?;
         if let Target::File(_) = self.target {
             conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "wal_autocheckpoint", self.checkpoint_pages)?;
         }
         conn.pragma_update(None, "synchronous", self.synchronous.pragma())?;
         Ok(conn)
@@ -148,6 +150,7 @@ impl SqliteProvider {
             target,
             busy_timeout: options.busy_timeout,
             synchronous: options.synchronous,
+            checkpoint_pages: options.checkpoint_pages,
         };
         let now = crate::convert::millis(options.clock.now());
         let wake = Arc::new(Wake::default());
@@ -526,6 +529,15 @@ mod tests {
             "2",
             "FULL by default"
         );
+        assert_eq!(pragma(&p, "PRAGMA wal_autocheckpoint").await, "16384");
+        p.close().await;
+        let p = SqliteProvider::open_with(
+            dir.path().join("default.db"),
+            options().checkpoint_pages(500),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pragma(&p, "PRAGMA wal_autocheckpoint").await, "500");
         p.close().await;
     }
 
