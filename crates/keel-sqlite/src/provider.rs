@@ -529,7 +529,7 @@ mod tests {
             "2",
             "FULL by default"
         );
-        assert_eq!(pragma(&p, "PRAGMA wal_autocheckpoint").await, "16384");
+        assert_eq!(pragma(&p, "PRAGMA wal_autocheckpoint").await, "4096");
         p.close().await;
         let p = SqliteProvider::open_with(
             dir.path().join("default.db"),
