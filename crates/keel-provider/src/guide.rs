@@ -28,7 +28,14 @@
 //! 7. **Wake waiters.** `wait_for_work` returns early when this process enqueues work
 //!    (an in-process notify) or the database says so (`LISTEN/NOTIFY`); polling remains
 //!    the fallback.
-//! 8. **Run the conformance kit.** In your crate's tests, one line stamps out a test per
+//! 8. **Optionally, dispatch eagerly.** `ack_turns_leasing` and
+//!    `complete_activities_locking` have defaults that only commit; overriding them
+//!    lets a worker that runs the next step itself skip a claim per step: the ack
+//!    inserts its activity items already leased to the caller, the completion locks
+//!    the instance it tells. Reuse your claim code for both (the lease or lock must be
+//!    exactly what a fetch would have taken), and claim `leases_on_ack` /
+//!    `locks_on_completion` so the kit holds you to it.
+//! 9. **Run the conformance kit.** In your crate's tests, one line stamps out a test per
 //!    behaviour, each with a fresh store from your factory:
 //!
 //! ```text
