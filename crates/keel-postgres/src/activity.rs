@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use deadpool_postgres::{GenericClient, Transaction};
 use keel_core::{Failure, WorkItem, decode_record, encode_record};
 use keel_provider::{
-    ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, ProviderError, Result, WorkKind,
+    ActivityLimits, FetchActivities, LeaseToken, LeasedWorkItem, Result, WorkKind,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -15,7 +15,6 @@ use crate::convert::{
     check_size, col, duration_millis, execution_col, from_bits, int, record, small, timestamp,
     u64_bits,
 };
-use crate::dead_letter;
 use crate::error::db;
 use crate::provider::PostgresProvider;
 use crate::statement::{execute, query};
@@ -141,15 +140,72 @@ impl Budget {
     }
 }
 
+/// Leases, in one statement, up to `$2` visible items of the queues `$1` for `$3`
+/// milliseconds, highest priority then oldest, passing over items another claim holds
+/// (`SKIP LOCKED`), as long as their names have no limits: the claim stops at the first
+/// candidate whose name has a limits row, and says so, for [`fetch_limited`] to go on
+/// from there. Each queue is read by one index scan in claim order, which marks the
+/// entries of items gone since as dead on the way, so that later claims skip them until
+/// vacuum. It also drops cancelled items whose lease ran out: they will never be
+/// completed. The first row always comes, with the database's now and whether a
+/// limited name stopped the claim; the leased items fill the rest, in claim order.
+const CLAIM: &str = "\
+WITH gone AS ( \
+  DELETE FROM work_items WHERE id = ANY(ARRAY( \
+    SELECT id FROM work_items WHERE cancelled AND visible_at <= keel_now() \
+    FOR UPDATE SKIP LOCKED))), \
+candidates AS ( \
+  SELECT w.id, w.priority, l.name IS NOT NULL AS limited \
+  FROM unnest($1::text[]) AS q (queue) \
+  CROSS JOIN LATERAL ( \
+    SELECT id, name, priority FROM work_items \
+    WHERE queue = q.queue AND NOT cancelled AND visible_at <= keel_now() \
+    ORDER BY priority DESC, id LIMIT $2 FOR UPDATE SKIP LOCKED) w \
+  LEFT JOIN activity_limits l ON l.name = w.name \
+  ORDER BY w.priority DESC, w.id LIMIT $2), \
+stop AS ( \
+  SELECT priority, id FROM candidates WHERE limited ORDER BY priority DESC, id LIMIT 1), \
+free AS ( \
+  SELECT c.id FROM candidates c WHERE NOT EXISTS (SELECT 1 FROM stop s \
+    WHERE c.priority < s.priority OR (c.priority = s.priority AND c.id >= s.id))), \
+leased AS ( \
+  UPDATE work_items w SET lease_token = nextval('tokens'), \
+    visible_at = keel_now() + $3, deliveries = w.deliveries + 1 \
+  WHERE w.id = ANY(ARRAY(SELECT id FROM free)) \
+  RETURNING w.priority, w.id, w.lease_token, w.instance, w.execution, w.op, w.name, \
+    w.attempt, w.deliveries, \
+    (SELECT body FROM work_item_bodies b WHERE b.item = w.id) AS body, w.visible_at) \
+SELECT s.now, s.limited, l.id, l.lease_token, l.instance, l.execution, l.op, l.name, \
+  l.attempt, l.deliveries, l.body, l.visible_at \
+FROM (SELECT keel_now() AS now, EXISTS (SELECT 1 FROM stop) AS limited) s \
+LEFT JOIN leased l ON true ORDER BY l.priority DESC NULLS FIRST, l.id";
+
 /// One page of visible items of the queues, in claim order, locked by this
 /// transaction (`SKIP LOCKED`: items another claim holds are passed over).
 const SCAN: &str = "\
-SELECT w.id, w.name, w.priority, l.name IS NOT NULL, keel_now() \
+SELECT w.id, w.name, w.priority, l.name IS NOT NULL \
 FROM work_items w LEFT JOIN activity_limits l ON l.name = w.name \
 WHERE w.queue = ANY($1) AND NOT w.cancelled AND w.visible_at <= keel_now() \
   AND (w.priority < $2 OR (w.priority = $2 AND w.id > $3)) \
 ORDER BY w.priority DESC, w.id LIMIT $4 \
 FOR UPDATE OF w SKIP LOCKED";
+
+/// Leases the picked items of [`fetch_limited`]; returns the columns the claim does,
+/// after its first two.
+const LEASE: &str = "\
+UPDATE work_items w SET lease_token = nextval('tokens'), \
+  visible_at = keel_now() + $2, deliveries = w.deliveries + 1 \
+FROM work_item_bodies b WHERE w.id = ANY($1) AND b.item = w.id \
+RETURNING w.id, w.lease_token, w.instance, w.execution, w.op, w.name, w.attempt, \
+  w.deliveries, b.body, w.visible_at";
+
+/// Sets aside a leased item whose stored bytes do not decode: a dead letter with what
+/// the columns know, never handed out.
+const DEAD_LETTER_CORRUPT: &str = "\
+WITH gone AS (DELETE FROM work_items WHERE id = $1 AND lease_token = $2 \
+  RETURNING instance, execution, op, name, attempt) \
+INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, item, recorded_at) \
+SELECT instance, execution, op, name, attempt, $3, NULL, keel_now() FROM gone";
 
 pub(crate) async fn fetch(
     p: &PostgresProvider,
@@ -166,35 +222,87 @@ pub(crate) async fn fetch(
         .collect();
     queues.sort();
     queues.dedup();
+    let lease_for = duration_millis(request.lease_for);
     let mut client = p.client().await?;
-    let tx = client.transaction().await.map_err(db)?;
-    // Cancelled items whose lease ran out will never be completed.
-    execute(
-        &tx,
-        "DELETE FROM work_items WHERE id IN (SELECT id FROM work_items \
-         WHERE cancelled AND visible_at <= keel_now() FOR UPDATE SKIP LOCKED)",
-        &[],
-    )
-    .await?;
-    let (picked, rated, now) = pick(&tx, &queues, max).await?;
-    p.inner.wake.fetched(WorkKind::Activities, now);
-    if picked.is_empty() {
-        tx.commit().await.map_err(db)?;
+    let want = i64::try_from(max).unwrap_or(i64::MAX);
+    let rows = query(&client, CLAIM, &[&queues, &want, &lease_for]).await?;
+    let Some(first) = rows.first() else {
         return Ok(Vec::new());
+    };
+    p.inner.wake.fetched(WorkKind::Activities, col(first, 0)?);
+    let limited: bool = col(first, 1)?;
+    let mut leased = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if col::<Option<i64>>(row, 2)?.is_some() {
+            hand_out(&client, row, 2, &mut leased).await?;
+        }
     }
-    let rows = query(
-        &tx,
-        "UPDATE work_items w SET lease_token = nextval('tokens'), \
-           visible_at = keel_now() + $2, deliveries = w.deliveries + 1 \
-         FROM work_item_bodies b WHERE w.id = ANY($1) AND b.item = w.id \
-         RETURNING w.id, w.lease_token, w.instance, w.execution, w.op, w.name, w.attempt, \
-           w.deliveries, b.body, w.visible_at",
-        &[&picked, &duration_millis(request.lease_for)],
-    )
-    .await?;
+    if limited && leased.len() < max {
+        let tx = client.transaction().await.map_err(db)?;
+        fetch_limited(&tx, &queues, max - leased.len(), lease_for, &mut leased).await?;
+        tx.commit().await.map_err(db)?;
+    }
+    Ok(leased)
+}
+
+/// Hands out the item leased in `row` (its columns from `at` on: id, lease token,
+/// instance, execution, op, name, attempt, deliveries, body, lease expiry); one that
+/// does not decode becomes a dead letter instead.
+async fn hand_out<C: GenericClient>(
+    client: &C,
+    row: &Row,
+    at: usize,
+    leased: &mut Vec<LeasedWorkItem>,
+) -> Result<()> {
+    let id: i64 = col(row, at)?;
+    let token: i64 = col(row, at + 1)?;
+    match record(
+        row,
+        at + 8,
+        decode_record::<WorkItem>,
+        format!("work item {id}"),
+    ) {
+        Ok(mut item) => {
+            // The column is the truth: retries update it without re-encoding.
+            item.attempt = small(col(row, at + 6)?, "attempt")?;
+            leased.push(LeasedWorkItem {
+                lease: LeaseToken::new(from_bits(id), from_bits(token)),
+                leased_until: timestamp(col(row, at + 9)?),
+                item,
+                deliveries: small(col(row, at + 7)?, "deliveries")?,
+            });
+        }
+        Err(error) => {
+            tracing::warn!(item = id, %error, "dead-lettering an undecodable work item");
+            let failure = Failure::new(Failure::DECODE, error.message()).retryable(false);
+            execute(
+                client,
+                DEAD_LETTER_CORRUPT,
+                &[&id, &token, &encode_record(&failure)?],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Leases up to `max` visible items of `queues` within their names' limits, appending
+/// them to `leased` in claim order, and records the lease starts of rate-limited names.
+async fn fetch_limited(
+    tx: &Transaction<'_>,
+    queues: &[String],
+    max: usize,
+    lease_for: i64,
+    leased: &mut Vec<LeasedWorkItem>,
+) -> Result<()> {
+    let (picked, rated) = pick(tx, queues, max).await?;
+    if picked.is_empty() {
+        return Ok(());
+    }
+    let rows = query(tx, LEASE, &[&picked, &lease_for]).await?;
     if !rated.is_empty() {
         execute(
-            &tx,
+            tx,
             "INSERT INTO lease_starts (name, started_at) \
              SELECT name, keel_now() FROM unnest($1::text[]) AS u (name)",
             &[&rated],
@@ -205,42 +313,17 @@ pub(crate) async fn fetch(
     for row in rows {
         by_id.insert(col(&row, 0)?, row);
     }
-    let mut leased = Vec::with_capacity(picked.len());
     for id in picked {
-        let Some(row) = by_id.remove(&id) else {
-            continue;
-        };
-        let decoded = record(
-            &row,
-            8,
-            decode_record::<WorkItem>,
-            format!("work item {id}"),
-        );
-        let item = match decoded {
-            Ok(mut item) => {
-                // The column is the truth: retries update it without re-encoding.
-                item.attempt = small(col(&row, 6)?, "attempt")?;
-                item
-            }
-            Err(error) => {
-                dead_letter_corrupt(&tx, &row, id, &error).await?;
-                continue;
-            }
-        };
-        leased.push(LeasedWorkItem {
-            lease: LeaseToken::new(from_bits(id), from_bits(col(&row, 1)?)),
-            leased_until: timestamp(col(&row, 9)?),
-            item,
-            deliveries: small(col(&row, 7)?, "deliveries")?,
-        });
+        if let Some(row) = by_id.remove(&id) {
+            hand_out(tx, &row, 0, leased).await?;
+        }
     }
-    tx.commit().await.map_err(db)?;
-    Ok(leased)
+    Ok(())
 }
 
 /// Chooses up to `max` visible items of `queues`, highest priority then oldest,
-/// within their names' limits; returns their ids, the names of rate-limited ones (one
-/// entry per item, to record their lease starts), and the database's now.
+/// within their names' limits; returns their ids and the names of rate-limited ones
+/// (one entry per item, to record their lease starts).
 ///
 /// A limited name's limits row is locked (`FOR UPDATE`) before its leases are counted,
 /// so concurrent claims of one name take turns: the second counts, under READ
@@ -249,19 +332,17 @@ async fn pick(
     tx: &Transaction<'_>,
     queues: &[String],
     max: usize,
-) -> Result<(Vec<i64>, Vec<String>, i64)> {
+) -> Result<(Vec<i64>, Vec<String>)> {
     let page = i64::try_from(max.saturating_mul(2).max(32)).unwrap_or(i64::MAX);
     let mut after: (i32, i64) = (i32::MAX, i64::MIN);
     let mut budgets: HashMap<String, Option<Budget>> = HashMap::new();
     let mut picked = Vec::new();
     let mut rated = Vec::new();
-    let mut now = 0;
     loop {
         let rows = query(tx, SCAN, &[&queues, &after.0, &after.1, &page]).await?;
         let mut limited: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
         for row in &rows {
-            now = col(row, 4)?;
             let name: String = col(row, 1)?;
             if col::<bool>(row, 3)? && !budgets.contains_key(&name) && seen.insert(name.clone()) {
                 limited.push(name);
@@ -293,13 +374,7 @@ async fn pick(
             break;
         }
     }
-    if now == 0 {
-        let rows = query(tx, "SELECT keel_now()", &[]).await?;
-        if let Some(row) = rows.first() {
-            now = col(row, 0)?;
-        }
-    }
-    Ok((picked, rated, now))
+    Ok((picked, rated))
 }
 
 /// Locks the limits rows of `names` (sorted, so that claims lock them in one order),
@@ -363,33 +438,6 @@ async fn load_budgets(
             budget.recent = u32::try_from(col::<i64>(row, 1)?).unwrap_or(u32::MAX);
         }
     }
-    Ok(())
-}
-
-/// Sets aside an item whose stored bytes do not decode: a dead letter with what the
-/// columns know, never handed out.
-async fn dead_letter_corrupt(
-    tx: &Transaction<'_>,
-    row: &Row,
-    id: i64,
-    error: &ProviderError,
-) -> Result<()> {
-    tracing::warn!(item = id, %error, "dead-lettering an undecodable work item");
-    let failure = Failure::new(Failure::DECODE, error.message()).retryable(false);
-    dead_letter::insert(
-        tx,
-        &dead_letter::Record {
-            instance: col(row, 2)?,
-            execution: col(row, 3)?,
-            op: col(row, 4)?,
-            name: col(row, 5)?,
-            attempts: col(row, 6)?,
-            failure: &failure,
-            item: None,
-        },
-    )
-    .await?;
-    execute(tx, "DELETE FROM work_items WHERE id = $1", &[&id]).await?;
     Ok(())
 }
 

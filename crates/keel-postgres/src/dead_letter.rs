@@ -1,7 +1,7 @@
 //! Dead letters: work that failed for good, kept for inspection and replay.
 
 use deadpool_postgres::GenericClient;
-use keel_core::{Failure, WorkItem, decode_record, encode_record};
+use keel_core::{Failure, WorkItem, decode_record};
 use keel_provider::{Cursor, DeadLetter, DeadLetterId, Page, PageRequest, ProviderError, Result};
 use tokio_postgres::Row;
 
@@ -11,39 +11,6 @@ use crate::error::{db, invalid};
 use crate::instance::page_size;
 use crate::provider::PostgresProvider;
 use crate::statement::{execute, query, query_opt};
-
-/// A dead letter to record.
-#[derive(Debug)]
-pub(crate) struct Record<'a> {
-    pub(crate) instance: String,
-    pub(crate) execution: i32,
-    pub(crate) op: i64,
-    pub(crate) name: String,
-    pub(crate) attempts: i32,
-    pub(crate) failure: &'a Failure,
-    /// The item's stored bytes; none when they were corrupt.
-    pub(crate) item: Option<&'a [u8]>,
-}
-
-/// Records a dead letter.
-pub(crate) async fn insert<C: GenericClient>(client: &C, record: &Record<'_>) -> Result<()> {
-    execute(
-        client,
-        "INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, item, \
-         recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, keel_now())",
-        &[
-            &record.instance,
-            &record.execution,
-            &record.op,
-            &record.name,
-            &record.attempts,
-            &encode_record(record.failure)?,
-            &record.item,
-        ],
-    )
-    .await?;
-    Ok(())
-}
 
 const COLUMNS: &str = "SELECT id, instance, execution, op, name, attempts, failure, item, \
      recorded_at FROM dead_letters";

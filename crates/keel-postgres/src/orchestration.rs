@@ -1,10 +1,10 @@
 //! The orchestrator queue: fetching instances under a lock, renewing, abandoning and
 //! suspending. The ack that commits a turn is in `ack`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::Object;
 use keel_core::{Event, Message, decode_record};
 use keel_provider::{
     FetchOrchestrations, LockToken, MessageId, OrchestrationWork, ProviderError, QueuedMessage,
@@ -19,20 +19,25 @@ use crate::error::db;
 use crate::provider::PostgresProvider;
 use crate::statement::{execute, query};
 
-/// A claimable instance, locked (`FOR UPDATE`) by this transaction.
+/// An instance this fetch locked.
 #[derive(Debug)]
-struct Candidate {
-    seq: i64,
+struct Claimed {
     id: String,
     name: String,
     version: Option<i32>,
     status: String,
     execution: i32,
     history_len: i64,
+    token: i64,
+    locked_until: i64,
+    /// Its oldest visible message.
+    first: i64,
+    /// The database's now when it was claimed.
+    claimed_at: i64,
 }
 
-/// What was read for one candidate: its visible messages and history, or why they
-/// cannot be decoded.
+/// What was read for one claimed instance: its visible messages and history, or why
+/// they cannot be decoded.
 #[derive(Debug, Default)]
 struct Loaded {
     messages: Vec<QueuedMessage>,
@@ -40,28 +45,62 @@ struct Loaded {
     corrupt: Option<ProviderError>,
 }
 
-/// One page of visible messages of claimable instances, in claim order: highest
-/// priority, then oldest message. The instance's lock and status are checked again,
-/// on the newest row versions, when [`LOCK`] locks them.
-const SCAN: &str = "\
-SELECT m.instance, m.priority, m.id, keel_now() \
-FROM messages m JOIN instances i ON i.id = m.instance \
-WHERE m.visible_at <= keel_now() \
-  AND (i.locked_until IS NULL OR i.locked_until <= keel_now()) \
-  AND i.status NOT IN ('paused', 'suspended') \
-  AND (m.priority < $1 OR (m.priority = $1 AND m.id > $2)) \
-ORDER BY m.priority DESC, m.id LIMIT $3";
+/// Claims up to `$1` instances in one statement: scans the first `$2` visible messages
+/// of claimable instances in claim order (highest priority, then oldest message), locks
+/// their instances in that order, skipping those another fetch holds (`SKIP LOCKED`:
+/// concurrent fetches never claim one instance twice; under READ COMMITTED a row that
+/// another fetch locked and committed meanwhile is re-checked on its new version, whose
+/// lock then excludes it), and sets their locks for `$3` milliseconds. Each instance is
+/// locked by a lookup of its own, in claim order, so that the lock stops at `$1` and
+/// never scans the table. The first row always comes, with how many messages were
+/// scanned and the database's now; the claimed instances fill the rest of the rows, in
+/// claim order.
+const CLAIM: &str = "\
+WITH visible AS ( \
+  SELECT m.instance, m.priority, m.id FROM messages m JOIN instances i ON i.id = m.instance \
+  WHERE m.visible_at <= keel_now() \
+    AND (i.locked_until IS NULL OR i.locked_until <= keel_now()) \
+    AND i.status NOT IN ('paused', 'suspended') \
+  ORDER BY m.priority DESC, m.id LIMIT $2), \
+firsts AS ( \
+  SELECT instance, max(priority) AS priority, min(id) AS first FROM visible \
+  GROUP BY instance ORDER BY max(priority) DESC, min(id)), \
+claimed AS ( \
+  SELECT i.id, f.priority, f.first FROM firsts f \
+  CROSS JOIN LATERAL (SELECT id FROM instances \
+    WHERE id = f.instance AND (locked_until IS NULL OR locked_until <= keel_now()) \
+      AND status NOT IN ('paused', 'suspended') \
+    FOR UPDATE SKIP LOCKED) i \
+  LIMIT $1), \
+locked AS ( \
+  UPDATE instances SET lock_token = nextval('tokens'), \
+    locked_until = keel_now() + $3, delayed_until = NULL \
+  WHERE id = ANY(ARRAY(SELECT id FROM claimed)) \
+  RETURNING id, name, version, status, execution, history_len, lock_token, locked_until) \
+SELECT s.scanned, s.now, l.id, l.name, l.version, l.status, l.execution, l.history_len, \
+  l.lock_token, l.locked_until, c.first \
+FROM (SELECT count(*) AS scanned, keel_now() AS now FROM visible) s \
+LEFT JOIN (locked l JOIN claimed c ON c.id = l.id) ON true \
+ORDER BY c.priority DESC NULLS FIRST, c.first";
 
-/// Locks the scanned instances that are still claimable, skipping those another
-/// fetch holds: concurrent fetches never claim one instance twice. Under READ
-/// COMMITTED a row another fetch locked and committed meanwhile is re-checked on its
-/// new version, whose lock then excludes it.
-const LOCK: &str = "\
-SELECT seq, id, name, version, status, execution, history_len FROM instances \
-WHERE id = ANY($1) \
-  AND (locked_until IS NULL OR locked_until <= keel_now()) \
-  AND status NOT IN ('paused', 'suspended') \
-FOR UPDATE SKIP LOCKED";
+/// The messages of the claimed instances that were visible when they were claimed,
+/// oldest first. A statement of its own, after the claim's commit, so that it sees
+/// every ack committed before the locks were taken. Each instance's read starts at its
+/// oldest visible message, found by the claim: older entries of the index belong to
+/// consumed messages, dead until vacuum, which a read from the start would step over
+/// one by one, turn after turn.
+const MESSAGES: &str = "\
+SELECT m.instance, m.id, m.enqueued_at, m.body \
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u (instance, first, claimed_at) \
+JOIN messages m ON m.instance = u.instance AND m.id >= u.first \
+WHERE m.visible_at <= u.claimed_at ORDER BY m.id";
+
+/// The current executions' histories of the claimed instances.
+const HISTORY: &str = "\
+SELECT h.instance, h.seq, h.execution, h.event \
+FROM history h JOIN unnest($1::text[], $2::integer[]) AS u (instance, execution) \
+  ON h.instance = u.instance AND h.execution = u.execution \
+ORDER BY h.instance, h.seq";
 
 pub(crate) async fn fetch(
     p: &PostgresProvider,
@@ -73,53 +112,27 @@ pub(crate) async fn fetch(
     if max == 0 {
         return Ok(Vec::new());
     }
-    let mut client = p.client().await?;
-    let tx = client.transaction().await.map_err(db)?;
-    let (candidates, now) = claimable(&tx, max).await?;
-    p.inner.wake.fetched(WorkKind::Orchestrations, now);
-    if candidates.is_empty() {
-        tx.commit().await.map_err(db)?;
+    let client = p.client().await?;
+    let claimed = claim(p, &client, max, request.lock_for).await?;
+    if claimed.is_empty() {
         return Ok(Vec::new());
     }
-    let mut loaded = load(&tx, &candidates, request.with_history).await?;
-    let mut good = Vec::with_capacity(candidates.len());
-    for candidate in candidates {
-        let entry = loaded.remove(&candidate.id).unwrap_or_default();
-        match entry.corrupt {
-            None => good.push((candidate, entry)),
-            Some(error) => set_aside_undecodable(&tx, &candidate, &error).await?,
-        }
-    }
-    let seqs: Vec<i64> = good.iter().map(|(c, _)| c.seq).collect();
-    let rows = query(
-        &tx,
-        "UPDATE instances SET lock_token = nextval('tokens'), \
-           locked_until = keel_now() + $2 \
-         WHERE seq = ANY($1) RETURNING seq, lock_token, locked_until",
-        &[&seqs, &duration_millis(request.lock_for)],
-    )
-    .await?;
-    tx.commit().await.map_err(db)?;
-    let mut locks = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        locks.insert(
-            col::<i64>(row, 0)?,
-            (col::<i64>(row, 1)?, col::<i64>(row, 2)?),
-        );
-    }
-    let mut work = Vec::with_capacity(good.len());
-    for (candidate, entry) in good {
-        let Some(&(token, until)) = locks.get(&candidate.seq) else {
+    let mut loaded = load(&client, &claimed, request.with_history).await?;
+    let mut work = Vec::with_capacity(claimed.len());
+    for claimed in claimed {
+        let entry = loaded.remove(&claimed.id).unwrap_or_default();
+        if let Some(error) = entry.corrupt {
+            set_aside_undecodable(&client, &claimed, &error).await?;
             continue;
-        };
+        }
         work.push(OrchestrationWork {
-            lock: LockToken::new(instance_id(candidate.id)?, from_bits(token)),
-            locked_until: timestamp(until),
-            name: candidate.name,
-            version: candidate.version.map(|v| small(v, "version")).transpose()?,
-            status: status(&candidate.status)?,
-            execution: execution(candidate.execution)?,
-            history_len: uncount(candidate.history_len, "history length")?,
+            lock: LockToken::new(instance_id(claimed.id)?, from_bits(claimed.token)),
+            locked_until: timestamp(claimed.locked_until),
+            name: claimed.name,
+            version: claimed.version.map(|v| small(v, "version")).transpose()?,
+            status: status(&claimed.status)?,
+            execution: execution(claimed.execution)?,
+            history_len: uncount(claimed.history_len, "history length")?,
             history: request.with_history.then_some(entry.history),
             messages: entry.messages,
         });
@@ -127,88 +140,91 @@ pub(crate) async fn fetch(
     Ok(work)
 }
 
-/// Up to `max` claimable instances, locked, in claim order; and the database's now.
-/// Pages through the visible messages until enough instances are locked or none are
-/// left.
-async fn claimable(tx: &Transaction<'_>, max: usize) -> Result<(Vec<Candidate>, i64)> {
+/// Claims up to `max` instances, in claim order. Claims again while a scan was full but
+/// claimed too few (many messages of one instance, or instances other fetches took):
+/// what this fetch locked is no longer claimable, so each round scans further on.
+async fn claim(
+    p: &PostgresProvider,
+    client: &Object,
+    max: usize,
+    lock_for: Duration,
+) -> Result<Vec<Claimed>> {
     let page = i64::try_from(max.saturating_mul(2).max(32)).unwrap_or(i64::MAX);
-    let mut after: (i32, i64) = (i32::MAX, i64::MIN);
-    let mut seen = HashSet::new();
-    let mut candidates = Vec::new();
-    let mut now = 0;
+    let lock_for = duration_millis(lock_for);
+    let mut claimed = Vec::new();
     loop {
-        let rows = query(tx, SCAN, &[&after.0, &after.1, &page]).await?;
-        let mut fresh = Vec::new();
+        let want = i64::try_from(max - claimed.len()).unwrap_or(i64::MAX);
+        let rows = query(client, CLAIM, &[&want, &page, &lock_for]).await?;
+        let Some(first) = rows.first() else {
+            return Ok(claimed);
+        };
+        let scanned: i64 = col(first, 0)?;
+        let now: i64 = col(first, 1)?;
+        p.inner.wake.fetched(WorkKind::Orchestrations, now);
+        let before = claimed.len();
         for row in &rows {
-            after = (col(row, 1)?, col(row, 2)?);
-            now = col(row, 3)?;
-            let instance: String = col(row, 0)?;
-            if seen.insert(instance.clone()) {
-                fresh.push(instance);
-            }
+            let Some(id) = col::<Option<String>>(row, 2)? else {
+                continue;
+            };
+            claimed.push(Claimed {
+                id,
+                name: col(row, 3)?,
+                version: col(row, 4)?,
+                status: col(row, 5)?,
+                execution: col(row, 6)?,
+                history_len: col(row, 7)?,
+                token: col(row, 8)?,
+                locked_until: col(row, 9)?,
+                first: col(row, 10)?,
+                claimed_at: now,
+            });
         }
-        if !fresh.is_empty() {
-            let locked = query(tx, LOCK, &[&fresh]).await?;
-            let mut by_id = HashMap::with_capacity(locked.len());
-            for row in &locked {
-                let candidate = Candidate {
-                    seq: col(row, 0)?,
-                    id: col(row, 1)?,
-                    name: col(row, 2)?,
-                    version: col(row, 3)?,
-                    status: col(row, 4)?,
-                    execution: col(row, 5)?,
-                    history_len: col(row, 6)?,
-                };
-                by_id.insert(candidate.id.clone(), candidate);
-            }
-            // Locks taken beyond `max` are released at commit, unused.
-            for id in &fresh {
-                if candidates.len() >= max {
-                    break;
-                }
-                if let Some(candidate) = by_id.remove(id) {
-                    candidates.push(candidate);
-                }
-            }
+        if claimed.len() >= max || claimed.len() == before || scanned < page {
+            return Ok(claimed);
         }
-        if candidates.len() >= max || i64::try_from(rows.len()).unwrap_or(0) < page {
-            break;
-        }
-    }
-    // Nothing was scanned: the fetch still records when it looked.
-    if now == 0 {
-        now = db_now(tx).await?;
-    }
-    Ok((candidates, now))
-}
-
-async fn db_now(tx: &Transaction<'_>) -> Result<i64> {
-    let rows = query(tx, "SELECT keel_now()", &[]).await?;
-    match rows.first() {
-        Some(row) => col(row, 0),
-        None => Ok(0),
     }
 }
 
-/// Reads the candidates' visible messages (oldest first) and, when asked, their
-/// current histories; decodes them. A record that does not decode marks its instance
-/// corrupt, naming the record; the other candidates are unaffected.
+/// Reads the claimed instances' messages that were visible when they were claimed
+/// (oldest first) and, when asked, their current histories, in one pipeline; decodes
+/// them. A record that does not decode marks its instance corrupt, naming the record;
+/// the other instances are unaffected.
 async fn load(
-    tx: &Transaction<'_>,
-    candidates: &[Candidate],
+    client: &Object,
+    claimed: &[Claimed],
     with_history: bool,
 ) -> Result<HashMap<String, Loaded>> {
-    let ids: Vec<&str> = candidates.iter().map(|c| c.id.as_str()).collect();
-    let mut loaded: HashMap<String, Loaded> = HashMap::with_capacity(candidates.len());
-    let rows = query(
-        tx,
-        "SELECT instance, id, enqueued_at, body FROM messages \
-         WHERE instance = ANY($1) AND visible_at <= keel_now() ORDER BY id",
-        &[&ids],
-    )
-    .await?;
-    for row in &rows {
+    let ids: Vec<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+    let firsts: Vec<i64> = claimed.iter().map(|c| c.first).collect();
+    let claimed_at: Vec<i64> = claimed.iter().map(|c| c.claimed_at).collect();
+    let executions: Vec<i32> = claimed.iter().map(|c| c.execution).collect();
+    let messages = client.prepare_cached(MESSAGES).await.map_err(db)?;
+    let history = if with_history {
+        Some(client.prepare_cached(HISTORY).await.map_err(db)?)
+    } else {
+        None
+    };
+    let read_history = async {
+        match &history {
+            Some(statement) => client
+                .query(statement, &[&ids, &executions])
+                .await
+                .map_err(db),
+            None => Ok(Vec::new()),
+        }
+    };
+    let (message_rows, history_rows) = tokio::try_join!(
+        biased;
+        async {
+            client
+                .query(&messages, &[&ids, &firsts, &claimed_at])
+                .await
+                .map_err(db)
+        },
+        read_history,
+    )?;
+    let mut loaded: HashMap<String, Loaded> = HashMap::with_capacity(claimed.len());
+    for row in &message_rows {
         let entry = loaded.entry(col(row, 0)?).or_default();
         if entry.corrupt.is_some() {
             continue;
@@ -228,27 +244,17 @@ async fn load(
             Err(error) => entry.corrupt = Some(error),
         }
     }
-    if with_history {
-        let rows = query(
-            tx,
-            "SELECT h.instance, h.seq, h.execution, h.event \
-             FROM history h JOIN instances i ON i.id = h.instance AND h.execution = i.execution \
-             WHERE i.id = ANY($1) ORDER BY h.instance, h.seq",
-            &[&ids],
-        )
-        .await?;
-        for row in &rows {
-            let entry = loaded.entry(col(row, 0)?).or_default();
-            if entry.corrupt.is_some() {
-                continue;
-            }
-            let seq: i64 = col(row, 1)?;
-            let execution: i32 = col(row, 2)?;
-            let what = format_args!("history event {seq} of execution {execution}");
-            match record(row, 3, decode_record::<Event>, what) {
-                Ok(event) => entry.history.push(event),
-                Err(error) => entry.corrupt = Some(error),
-            }
+    for row in &history_rows {
+        let entry = loaded.entry(col(row, 0)?).or_default();
+        if entry.corrupt.is_some() {
+            continue;
+        }
+        let seq: i64 = col(row, 1)?;
+        let execution: i32 = col(row, 2)?;
+        let what = format_args!("history event {seq} of execution {execution}");
+        match record(row, 3, decode_record::<Event>, what) {
+            Ok(event) => entry.history.push(event),
+            Err(error) => entry.corrupt = Some(error),
         }
     }
     Ok(loaded)
@@ -258,29 +264,32 @@ async fn load(
 /// human (or a fixed build) resumes it. A finished instance is not brought back to
 /// life: its undecodable late messages are dropped instead.
 async fn set_aside_undecodable(
-    tx: &Transaction<'_>,
-    candidate: &Candidate,
+    client: &Object,
+    claimed: &Claimed,
     error: &ProviderError,
 ) -> Result<()> {
     if matches!(
-        candidate.status.as_str(),
+        claimed.status.as_str(),
         "completed" | "failed" | "cancelled"
     ) {
-        tracing::warn!(instance = %candidate.id, %error, "dropping undecodable messages of a finished instance");
+        tracing::warn!(instance = %claimed.id, %error, "dropping undecodable messages of a finished instance");
         execute(
-            tx,
-            "DELETE FROM messages WHERE instance = $1",
-            &[&candidate.id],
+            client,
+            "WITH gone AS (DELETE FROM messages WHERE instance = $1) \
+             UPDATE instances SET lock_token = NULL, locked_until = NULL \
+             WHERE id = $1 AND lock_token = $2",
+            &[&claimed.id, &claimed.token],
         )
         .await?;
         return Ok(());
     }
-    tracing::warn!(instance = %candidate.id, %error, "suspending an undecodable instance");
+    tracing::warn!(instance = %claimed.id, %error, "suspending an undecodable instance");
     execute(
-        tx,
-        "UPDATE instances SET status = 'suspended', status_reason = $2, \
-         updated_at = keel_now() WHERE seq = $1",
-        &[&candidate.seq, &error.message()],
+        client,
+        "UPDATE instances SET status = 'suspended', status_reason = $3, \
+           lock_token = NULL, locked_until = NULL, updated_at = keel_now() \
+         WHERE id = $1 AND lock_token = $2",
+        &[&claimed.id, &claimed.token, &error.message()],
     )
     .await?;
     Ok(())
@@ -311,13 +320,14 @@ pub(crate) async fn renew(p: &PostgresProvider, lock: &LockToken, extend: Durati
 }
 
 /// Releases a held lock; the token goes, so the old holder is stale at once, and
-/// `locked_until` stays as the time the instance may be fetched again. Dispatchers
-/// everywhere hear of it.
+/// `locked_until` stays as the time the instance may be fetched again (and, after a
+/// delay, `delayed_until` too, for `next_due`). Dispatchers everywhere hear of it.
 pub(crate) async fn abandon(p: &PostgresProvider, lock: &LockToken, delay: Duration) -> Result<()> {
     let client = p.client().await?;
     let rows = query(
         &client,
-        "WITH u AS (UPDATE instances SET lock_token = NULL, locked_until = keel_now() + $3 \
+        "WITH u AS (UPDATE instances SET lock_token = NULL, locked_until = keel_now() + $3, \
+           delayed_until = CASE WHEN $3 > 0 THEN keel_now() + $3 END \
            WHERE id = $1 AND lock_token = $2 AND locked_until > keel_now() RETURNING 1) \
          SELECT pg_notify($4, '')::text FROM u",
         &[

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
     Ack, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Created, DeadLetter,
@@ -145,6 +147,9 @@ impl PostgresProvider {
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(options.wait_timeout))
             .create_timeout(Some(options.connect_timeout))
+            .pre_recycle(Hook::async_fn(|client, metrics| {
+                Box::pin(replan(client, metrics.recycle_count))
+            }))
             .build()
             .map_err(|error| invalid(format!("cannot build the connection pool: {error}")))?;
         let mut client = pool.get().await.map_err(|e| unreachable(pool_error(e)))?;
@@ -223,6 +228,24 @@ impl PostgresProvider {
     pub(crate) fn capabilities_ref(&self) -> &Capabilities {
         &self.inner.capabilities
     }
+}
+
+/// Drops a pooled connection's cached query plans after its 16th, 32nd, 64th, ... use.
+///
+/// PostgreSQL plans a prepared statement afresh for its first five runs, then settles
+/// on a generic plan, kept until the statistics of its tables change. In a new schema
+/// the first runs see tables of a few rows, for which scanning a whole table beats an
+/// index; the plan made then would go on scanning as the table grows, until autovacuum
+/// analyzes it, minutes later. Planning again each time a connection's uses double
+/// follows the tables' growth for a negligible cost.
+async fn replan(client: &mut ClientWrapper, uses: usize) -> Result<(), HookError> {
+    if uses >= 16 && uses.is_power_of_two() {
+        client
+            .batch_execute("DISCARD PLANS")
+            .await
+            .map_err(HookError::Backend)?;
+    }
+    Ok(())
 }
 
 fn pool_error(error: deadpool_postgres::PoolError) -> ProviderError {

@@ -80,7 +80,7 @@ impl Channels {
 }
 
 /// The migrations, in order: `(version, SQL)`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1_INITIAL)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1_INITIAL), (2, V2_HOT_LOCKS)];
 
 /// The first schema.
 ///
@@ -259,6 +259,21 @@ CREATE TRIGGER instances_ended AFTER UPDATE ON instances FOR EACH ROW
            AND NEW.status IN ('completed', 'failed', 'cancelled', 'suspended'))
           OR NEW.execution <> OLD.execution)
     EXECUTE FUNCTION notify_ended();
+";
+
+/// Locking and acking an instance become HOT updates (no new index entries, dead
+/// versions pruned within the page), so a hot instance's row does not bloat its indexes
+/// turn after turn. An update is HOT only if it changes no column an index names,
+/// predicates included: `instances_by_release` named `lock_token` and `locked_until`,
+/// which every turn sets twice. Its place is taken by `delayed_until`, which only an
+/// abandon with a delay sets and the next claim clears: `next_due` reads that alone.
+const V2_HOT_LOCKS: &str = r"
+ALTER TABLE instances ADD COLUMN delayed_until bigint;
+UPDATE instances SET delayed_until = locked_until
+    WHERE lock_token IS NULL AND locked_until IS NOT NULL;
+DROP INDEX instances_by_release;
+CREATE INDEX instances_by_delay ON instances (delayed_until)
+    WHERE delayed_until IS NOT NULL;
 ";
 
 /// Creates the schema if missing and applies the migrations it lacks, in one

@@ -239,9 +239,8 @@ async fn due_after(p: &PostgresProvider, kind: WorkKind, after: i64) -> Result<(
             "WITH t AS (SELECT CASE WHEN $1::bigint < 0 THEN keel_now() ELSE $1::bigint END AS after) \
              SELECT LEAST( \
                (SELECT MIN(visible_at) FROM messages, t WHERE visible_at > t.after), \
-               (SELECT MIN(locked_until) FROM instances, t \
-                WHERE lock_token IS NULL AND locked_until IS NOT NULL \
-                  AND locked_until > t.after)), keel_now()"
+               (SELECT MIN(delayed_until) FROM instances, t \
+                WHERE delayed_until > t.after)), keel_now()"
         }
         // Items waiting for their retry time (leased items are not "queued").
         WorkKind::Activities => {
