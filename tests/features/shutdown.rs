@@ -1,5 +1,5 @@
 //! Graceful shutdown, abandoning work past the deadline, prompt wake-ups of an idle
-//! worker, and long workflows with and without the sticky cache.
+//! worker, and long workflows with and without the sticky cache and eager dispatch.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -188,11 +188,21 @@ async fn link(_ctx: ActivityContext, (acc, step): (u64, u64)) -> Result<u64, Fai
 
 const LINKS: u64 = 50;
 
-/// Runs a chain of 50 sequential activities with `options`; its output and history length.
-async fn run_chain(options: WorkerOptions) -> anyhow::Result<(u64, usize)> {
+/// What a run of the chain gave.
+#[derive(Debug, PartialEq)]
+struct Chain {
+    output: u64,
+    history: usize,
+    /// Transactions the store committed for it, start to end.
+    commits: u64,
+}
+
+/// Runs a chain of 50 sequential activities with `options`.
+async fn run_chain(options: WorkerOptions) -> anyhow::Result<Chain> {
     let db = Db::new()?;
+    let store = Arc::new(keel_sqlite::SqliteProvider::open(&db.path).await?);
     let keel = Keel::builder()
-        .sqlite(&db.path)
+        .provider(Arc::clone(&store) as Arc<dyn keel::Provider>)
         .options(options)
         .activity("link", link)
         .orchestration("chain", |ctx: OrchestrationContext, seed: u64| async move {
@@ -205,36 +215,51 @@ async fn run_chain(options: WorkerOptions) -> anyhow::Result<(u64, usize)> {
         .start()
         .await?;
     let client = keel.client();
+    let before = store.transactions_committed();
     let id = client.start("chain", &7_u64).id("chain").await?;
     let output: u64 = client.wait(&id, WAIT).await?;
+    let commits = store.transactions_committed() - before;
     let history = client.history(&id).await?.len();
     keel.shutdown().await;
-    Ok((output, history))
+    Ok(Chain {
+        output,
+        history,
+        commits,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_chain_gives_the_same_result_with_and_without_the_sticky_cache() -> anyhow::Result<()>
-{
+async fn a_long_chain_gives_the_same_result_with_and_without_the_sticky_cache_and_eager_dispatch()
+-> anyhow::Result<()> {
     let expected = (0..LINKS).fold(7_u64, |acc, step| acc.wrapping_mul(31).wrapping_add(step));
-    let (cached, cached_history) = run_chain(test_options()).await?;
-    let (uncached, uncached_history) = run_chain(test_options().cache_capacity(0)).await?;
+    let eager = run_chain(test_options()).await?;
+    let uncached = run_chain(test_options().cache_capacity(0)).await?;
+    let queued = run_chain(test_options().eager_dispatch(false)).await?;
+    for (run, how) in [
+        (&eager, "by default"),
+        (&uncached, "without the cache"),
+        (&queued, "without eager dispatch"),
+    ] {
+        ensure!(
+            run.output == expected,
+            "{how}: {run:?}, expected output {expected}"
+        );
+        // Started, 50 scheduled, 50 completed, completed: at least.
+        let least = usize::try_from(2 * LINKS + 2)?;
+        ensure!(run.history >= least, "{how}: a short history: {run:?}");
+        ensure!(
+            run.history == eager.history,
+            "{how}: the history differs from the default run's: {run:?} vs {eager:?}"
+        );
+    }
+    // Each link costs an ack and a completion when the worker takes the next step in
+    // the same commit, and two claims more when every step goes through the queues.
+    let links = LINKS;
     ensure!(
-        cached == expected,
-        "with the cache: {cached}, expected {expected}"
-    );
-    ensure!(
-        uncached == expected,
-        "without the cache: {uncached}, expected {expected}"
-    );
-    // Started, 50 scheduled, 50 completed, completed: at least.
-    let least = usize::try_from(2 * LINKS + 2)?;
-    ensure!(
-        cached_history >= least && uncached_history >= least,
-        "short histories: {cached_history} and {uncached_history} events"
-    );
-    ensure!(
-        cached_history == uncached_history,
-        "the cache changed the history: {cached_history} vs {uncached_history} events"
+        eager.commits < 3 * links && queued.commits > 3 * links,
+        "eager dispatch did not save the claims: {} commits with it, {} without, for {links} links",
+        eager.commits,
+        queued.commits
     );
     Ok(())
 }

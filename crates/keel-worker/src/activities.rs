@@ -391,7 +391,9 @@ async fn commit_loop(
     turns: Arc<OnceLock<Weak<Orchestrator>>>,
     mut receiver: mpsc::Receiver<(ActivityCompletion, oneshot::Sender<()>)>,
 ) {
-    let max_batch = shared.provider.capabilities().max_batch.max(1);
+    let capabilities = shared.provider.capabilities();
+    let max_batch = capabilities.max_batch.max(1);
+    let lock_turns = shared.options.eager_dispatch && capabilities.locks_on_completion;
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -404,7 +406,7 @@ async fn commit_loop(
         let orchestrator = turns
             .get()
             .and_then(Weak::upgrade)
-            .filter(|_| !shared.stop.is_cancelled());
+            .filter(|_| lock_turns && !shared.stop.is_cancelled());
         let locked = commit(&shared, completions, orchestrator.is_some()).await;
         // Before the attempts hear their outcome is in: while they run, shutdown waits,
         // so the turns are tracked before it can stop waiting.

@@ -19,6 +19,7 @@ pub struct WorkerOptions {
     pub(crate) lock_duration: Duration,
     pub(crate) lease_duration: Duration,
     pub(crate) cache_capacity: usize,
+    pub(crate) eager_dispatch: bool,
     pub(crate) max_poll_interval: Duration,
     pub(crate) max_turn_attempts: u32,
     pub(crate) turn_retry_delay: Duration,
@@ -44,6 +45,7 @@ impl Default for WorkerOptions {
             lock_duration: Duration::from_secs(30),
             lease_duration: Duration::from_secs(30),
             cache_capacity: 10_000,
+            eager_dispatch: true,
             max_poll_interval: Duration::from_secs(1),
             max_turn_attempts: 5,
             turn_retry_delay: Duration::from_millis(500),
@@ -128,6 +130,18 @@ impl WorkerOptions {
     #[must_use]
     pub fn cache_capacity(mut self, capacity: usize) -> Self {
         self.cache_capacity = capacity;
+        self
+    }
+
+    /// Whether the worker takes a workflow's next step in the commit of its last one,
+    /// where the store supports it (default true): a turn's ack leases the activities
+    /// it schedules to this worker's free slots, and an activity's outcome locks its
+    /// instance for this worker's next turn, two commits per step instead of four.
+    /// Off, every step goes through the queues, in their priority order, to whichever
+    /// worker fetches it first.
+    #[must_use]
+    pub fn eager_dispatch(mut self, eager: bool) -> Self {
+        self.eager_dispatch = eager;
         self
     }
 

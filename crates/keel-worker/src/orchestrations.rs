@@ -211,6 +211,7 @@ impl Orchestrator {
         let runner = self
             .activities
             .as_ref()
+            .filter(|_| options.eager_dispatch && provider.capabilities().leases_on_ack)
             .filter(|_| !self.shared.stop.is_cancelled());
         let ours = acks
             .iter()
