@@ -10,21 +10,33 @@
 //! Should a write fail for a reason other than the database's availability, each
 //! accepted ack is tried again in a transaction of its own: one bad ack changes
 //! nothing, while the others commit.
+//!
+//! Acks that lease to their caller (eager dispatch) pick, in ack order among the
+//! accepted acks, the items of the queues the caller serves while it has room, leaving
+//! names with limits to fetches (which count the limits): those are inserted already
+//! leased by the same statement that inserts the rest. The names with limits are read
+//! in the lock's round trip.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use deadpool_postgres::{Object, Transaction};
-use keel_core::{Message, ParentLink, Payload, encode_record};
-use keel_provider::{Ack, CustomStatusUpdate, ErrorKind, ProviderError, Result, TurnOutcome};
-use tokio_postgres::Statement;
+use deadpool_postgres::Object;
+use keel_core::{Message, ParentLink, Payload, WorkItem, encode_record};
+use keel_provider::{
+    Ack, AckedTurns, CustomStatusUpdate, ErrorKind, FetchActivities, LeasedWorkItem, ProviderError,
+    Result, TurnOutcome,
+};
 use tokio_postgres::types::ToSql;
 
-use crate::activity::{INSERT_ITEMS, PreparedItems};
-use crate::convert::{check_size, col, count, execution, instance_id, int, millis, op, u64_bits};
+use crate::activity::{PreparedItems, limited_names};
+use crate::convert::{
+    check_size, col, count, duration_millis, execution, instance_id, int, millis, op, u64_bits,
+};
 use crate::error::db;
-use crate::instance::{self, INSERT_MANY, PreparedInstance, PreparedInstances};
+use crate::instance::{self, PreparedInstance};
 use crate::provider::PostgresProvider;
-use crate::statement::{Params, query};
+use crate::statement::query;
+
+mod write;
 
 /// An ack with every record encoded and its sizes checked.
 #[derive(Debug)]
@@ -35,6 +47,8 @@ struct PreparedAck {
     events: Vec<Vec<u8>>,
     consumed: Vec<i64>,
     activities: PreparedItems,
+    /// The same items as scheduled, for those leased to the caller.
+    items: Vec<WorkItem>,
     cancel: Vec<i64>,
     message_to: Vec<String>,
     message_at: Vec<Option<i64>>,
@@ -140,6 +154,7 @@ fn prepare(ack: Ack, limit: usize) -> Result<PreparedAck> {
         events,
         consumed: ack.consumed.iter().map(|m| count(m.0)).collect(),
         activities,
+        items: ack.activities,
         cancel: ack
             .cancel_activities
             .iter()
@@ -158,12 +173,19 @@ fn prepare(ack: Ack, limit: usize) -> Result<PreparedAck> {
     })
 }
 
-pub(crate) async fn ack_turns(p: &PostgresProvider, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
-    let limits = p.capabilities_ref();
+/// Commits the acks; with `lease`, also leases to the caller the items they enqueue
+/// that it allows (eager dispatch).
+pub(crate) async fn ack_turns(
+    p: &PostgresProvider,
+    acks: Vec<Ack>,
+    lease: Option<FetchActivities>,
+) -> Result<AckedTurns> {
+    let capabilities = p.capabilities_ref();
     let limits = Limits {
-        record: limits.max_record_bytes,
-        history: count(limits.max_history_events),
+        record: capabilities.max_record_bytes,
+        history: count(capabilities.max_history_events),
     };
+    let mut leasing = lease.and_then(|lease| Leasing::new(&lease, capabilities.max_fetch_items));
     let mut results: Vec<Result<()>> = Vec::with_capacity(acks.len());
     let mut prepared = Vec::with_capacity(acks.len());
     for (i, ack) in acks.into_iter().enumerate() {
@@ -175,30 +197,87 @@ pub(crate) async fn ack_turns(p: &PostgresProvider, acks: Vec<Ack>) -> Result<Ve
             Err(error) => results.push(Err(error)),
         }
     }
+    let mut leased = Vec::new();
     if prepared.is_empty() {
-        return Ok(results);
+        return Ok(AckedTurns { results, leased });
     }
     let mut client = p.client().await?;
     let batch: Vec<(usize, &PreparedAck)> = prepared.iter().map(|(i, a)| (*i, a)).collect();
-    match commit(&mut client, &batch, limits).await {
-        Ok(verdicts) => {
-            for ((i, _), verdict) in batch.iter().zip(verdicts) {
+    match commit(&mut client, &batch, limits, leasing.as_ref()).await {
+        Ok(committed) => {
+            for ((i, _), verdict) in batch.iter().zip(committed.verdicts) {
                 results[*i] = verdict;
             }
+            leased = committed.leased;
         }
         Err(error) if batch.len() > 1 && !error.is_retryable() => {
             // Nothing was committed. Alone, each ack commits or fails by itself.
             tracing::warn!(%error, acks = batch.len(), "a batch of acks failed: acking one by one");
             for &(i, ack) in &batch {
-                results[i] = match commit(&mut client, &[(i, ack)], limits).await {
-                    Ok(mut verdicts) => verdicts.pop().unwrap_or(Ok(())),
+                results[i] = match commit(&mut client, &[(i, ack)], limits, leasing.as_ref()).await
+                {
+                    Ok(mut committed) => {
+                        if let Some(leasing) = leasing.as_mut() {
+                            leasing.left = leasing.left.saturating_sub(committed.leased.len());
+                        }
+                        leased.append(&mut committed.leased);
+                        committed.verdicts.pop().unwrap_or(Ok(()))
+                    }
                     Err(error) => Err(error),
                 };
             }
         }
         Err(error) => return Err(error),
     }
-    Ok(results)
+    p.inner.identities.remember(&leased);
+    Ok(AckedTurns { results, leased })
+}
+
+/// What the acks of one call may lease to their caller as they enqueue (eager
+/// dispatch): items of these queues, this many more, for this long.
+#[derive(Debug)]
+struct Leasing {
+    queues: HashSet<String>,
+    left: usize,
+    lease_for: i64,
+}
+
+impl Leasing {
+    /// The leasing `lease` asks for, capped at `max` items as a fetch is; `None` when
+    /// it allows nothing.
+    fn new(lease: &FetchActivities, max: usize) -> Option<Self> {
+        let left = lease.max_items.min(max);
+        if left == 0 || lease.queues.is_empty() {
+            return None;
+        }
+        Some(Self {
+            queues: lease.queues.iter().map(|q| q.as_str().to_owned()).collect(),
+            left,
+            lease_for: duration_millis(lease.lease_for),
+        })
+    }
+
+    /// The names of the items of `acks` that this may lease but for their limits,
+    /// sorted and without repeats.
+    fn names<'a>(&self, acks: &[(usize, &'a PreparedAck)]) -> Vec<&'a str> {
+        let mut names: Vec<&str> = acks
+            .iter()
+            .flat_map(|(_, ack)| ack.activities.routes())
+            .filter(|(_, queue)| self.queues.contains(*queue))
+            .map(|(name, _)| name)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+}
+
+/// What committing a batch did: one verdict per ack, in order, and the items leased to
+/// the caller, in ack order.
+#[derive(Debug)]
+struct Committed {
+    verdicts: Vec<Result<()>>,
+    leased: Vec<LeasedWorkItem>,
 }
 
 /// The limits an ack is checked against.
@@ -218,65 +297,6 @@ FROM instances i JOIN unnest($1::text[], $2::bigint[]) AS a (id, token) \
 WHERE i.locked_until > keel_now() \
 ORDER BY i.id FOR UPDATE OF i";
 
-/// Appends the events, deletes the consumed messages, and sets each instance's
-/// status, version, output, failure and custom status, releasing its lock; on
-/// continue-as-new, starts the next execution (a fresh history and input). One row
-/// of `a` per ack.
-const TURNS: &str = "\
-WITH a AS ( \
-  SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[], $5::boolean[], \
-    $6::integer[], $7::boolean[], $8::bytea[], $9::bytea[], $10::integer[], $11::bytea[], \
-    $12::bytea[]) AS a (id, status, version, events, continued, next_version, pay, output, \
-    failure, custom_mode, custom, input)), \
-h AS (INSERT INTO history (instance, execution, seq, event) \
-  SELECT * FROM unnest($13::text[], $14::integer[], $15::bigint[], $16::bytea[])), \
-gone AS (DELETE FROM messages m USING unnest($17::text[], $18::bigint[]) AS c (instance, id) \
-  WHERE m.instance = c.instance AND m.id = c.id), \
-pay AS (UPDATE instance_payloads d SET \
-    input = CASE WHEN a.continued THEN a.input ELSE d.input END, \
-    output = CASE WHEN a.continued THEN NULL WHEN a.status = 'running' THEN d.output \
-      ELSE a.output END, \
-    failure = CASE WHEN a.continued THEN NULL WHEN a.status = 'running' THEN d.failure \
-      ELSE a.failure END, \
-    custom_status = CASE a.custom_mode WHEN 0 THEN d.custom_status WHEN 1 THEN a.custom \
-      ELSE NULL END \
-  FROM a WHERE d.instance = a.id AND a.pay) \
-UPDATE instances i SET \
-  status = CASE \
-    WHEN a.continued THEN \
-      (CASE WHEN i.status IN ('paused', 'suspended') THEN i.status ELSE 'running' END) \
-    WHEN a.status = 'running' THEN \
-      (CASE WHEN i.status = 'pending' THEN 'running' ELSE i.status END) \
-    ELSE a.status END, \
-  status_reason = CASE WHEN a.status = 'running' THEN i.status_reason ELSE NULL END, \
-  completed_at = CASE WHEN a.continued THEN NULL WHEN a.status = 'running' \
-    THEN i.completed_at ELSE keel_now() END, \
-  execution = CASE WHEN a.continued THEN i.execution + 1 ELSE i.execution END, \
-  version = CASE WHEN a.continued THEN a.next_version ELSE COALESCE(a.version, i.version) END, \
-  history_len = CASE WHEN a.continued THEN 0 ELSE i.history_len + a.events END, \
-  lock_token = NULL, locked_until = NULL, acked = true, updated_at = keel_now() \
-FROM a WHERE i.id = a.id";
-
-/// Cancels activities: queued items go; leased ones are marked, so that their renewal
-/// fails.
-const CANCEL: &str = "\
-WITH c AS (SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[]) \
-  AS c (instance, execution, op)), \
-gone AS (DELETE FROM work_items w USING c WHERE w.instance = c.instance \
-  AND w.execution = c.execution AND w.op = c.op \
-  AND (w.lease_token IS NULL OR w.visible_at <= keel_now())) \
-UPDATE work_items w SET cancelled = true FROM c WHERE w.instance = c.instance \
-  AND w.execution = c.execution AND w.op = c.op \
-  AND w.lease_token IS NOT NULL AND w.visible_at > keel_now()";
-
-/// Enqueues messages, in order, for those targets that exist.
-const MESSAGES: &str = "\
-INSERT INTO messages (instance, priority, visible_at, enqueued_at, body) \
-SELECT t.id, t.priority, COALESCE(m.visible_at, keel_now()), keel_now(), m.body \
-FROM unnest($1::text[], $2::bigint[], $3::bytea[]) WITH ORDINALITY \
-  AS m (target, visible_at, body, n) \
-JOIN instances t ON t.id = m.target ORDER BY m.n";
-
 /// What the lock statement read of an instance whose lock an ack holds.
 #[derive(Debug)]
 struct Held {
@@ -295,17 +315,27 @@ struct Accepted<'a> {
     start: Option<Vec<u8>>,
 }
 
-/// Commits the acks that hold their locks in one transaction; returns one verdict per
-/// ack, in order. An error means nothing was committed.
+/// Commits the acks that hold their locks in one transaction, leasing what `leasing`
+/// allows of the items they enqueue. An error means nothing was committed.
 async fn commit(
     client: &mut Object,
     acks: &[(usize, &PreparedAck)],
     limits: Limits,
-) -> Result<Vec<Result<()>>> {
+    leasing: Option<&Leasing>,
+) -> Result<Committed> {
     let tx = client.transaction().await.map_err(db)?;
     let ids: Vec<&str> = acks.iter().map(|(_, a)| a.instance.as_str()).collect();
     let tokens: Vec<i64> = acks.iter().map(|(_, a)| a.token).collect();
-    let rows = query(&tx, LOCK, &[&ids, &tokens]).await?;
+    // Read after the transaction began (READ COMMITTED: each statement sees what
+    // committed before it started), so that a name that had limits then is seen to
+    // have them; limits set meanwhile may go either way.
+    let names = leasing.map(|l| l.names(acks)).unwrap_or_default();
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&ids, &tokens];
+    let (rows, limited) = tokio::try_join!(
+        biased;
+        query(&tx, LOCK, &lock_params),
+        limited_names(&tx, &names),
+    )?;
     let mut held = HashMap::with_capacity(rows.len());
     for row in &rows {
         let parent = match col::<Option<String>>(row, 5)? {
@@ -347,11 +377,14 @@ async fn commit(
         };
         verdicts.push(verdict);
     }
-    if !accepted.is_empty() {
-        write(&tx, &accepted).await?;
-    }
+    let leasing = leasing.map(|leasing| (leasing, &limited));
+    let leased = if accepted.is_empty() {
+        Vec::new()
+    } else {
+        write::write(&tx, &accepted, leasing).await?
+    };
     tx.commit().await.map_err(db)?;
-    Ok(verdicts)
+    Ok(Committed { verdicts, leased })
 }
 
 fn stale(instance: &str) -> ProviderError {
@@ -397,170 +430,4 @@ fn next_start(id: &str, held: &Held, continued: &Continued, limit: usize) -> Res
         limit,
     )?;
     Ok(start)
-}
-
-/// The columns of the statements that write a batch of accepted acks.
-#[derive(Debug, Default)]
-struct Columns<'a> {
-    // TURNS: one row per ack.
-    id: Vec<&'a str>,
-    status: Vec<&'static str>,
-    version: Vec<Option<i32>>,
-    events: Vec<i64>,
-    continued: Vec<bool>,
-    next_version: Vec<Option<i32>>,
-    pay: Vec<bool>,
-    output: Vec<Option<&'a [u8]>>,
-    failure: Vec<Option<&'a [u8]>>,
-    custom_mode: Vec<i32>,
-    custom: Vec<Option<&'a [u8]>>,
-    input: Vec<Option<&'a [u8]>>,
-    // TURNS: the history events, and the consumed messages.
-    event_instance: Vec<&'a str>,
-    event_execution: Vec<i32>,
-    event_seq: Vec<i64>,
-    event_body: Vec<&'a [u8]>,
-    consumed_instance: Vec<&'a str>,
-    consumed_id: Vec<i64>,
-    // CANCEL.
-    cancel_instance: Vec<&'a str>,
-    cancel_execution: Vec<i32>,
-    cancel_op: Vec<i64>,
-    // MESSAGES.
-    message_to: Vec<&'a str>,
-    message_at: Vec<Option<i64>>,
-    message_body: Vec<&'a [u8]>,
-    children: PreparedInstances<'a>,
-    items: PreparedItems,
-}
-
-impl<'a> Columns<'a> {
-    fn new(accepted: &'a [Accepted<'a>]) -> Self {
-        let mut c = Self::default();
-        for Accepted { ack, held, start } in accepted {
-            let id = ack.instance.as_str();
-            c.id.push(id);
-            c.status.push(ack.status);
-            c.version.push(ack.version);
-            c.events.push(count(ack.events.len() as u64));
-            c.continued.push(ack.continued.is_some());
-            c.next_version
-                .push(ack.continued.as_ref().and_then(|n| n.version.map(int)));
-            c.pay
-                .push(ack.status != "running" || ack.custom_mode != 0 || start.is_some());
-            c.output.push(ack.output.as_deref());
-            c.failure.push(ack.failure.as_deref());
-            c.custom_mode.push(ack.custom_mode);
-            c.custom.push(ack.custom.as_deref());
-            c.input
-                .push(ack.continued.as_ref().map(|n| n.input.as_bytes()));
-            for (n, event) in ack.events.iter().enumerate() {
-                c.event_instance.push(id);
-                c.event_execution.push(held.execution);
-                c.event_seq
-                    .push(held.history_len.saturating_add(count(n as u64 + 1)));
-                c.event_body.push(event);
-            }
-            for &message in &ack.consumed {
-                c.consumed_instance.push(id);
-                c.consumed_id.push(message);
-            }
-            for &op in &ack.cancel {
-                c.cancel_instance.push(id);
-                c.cancel_execution.push(held.execution);
-                c.cancel_op.push(op);
-            }
-            for ((to, at), body) in ack
-                .message_to
-                .iter()
-                .zip(&ack.message_at)
-                .zip(&ack.message_body)
-            {
-                c.message_to.push(to);
-                c.message_at.push(*at);
-                c.message_body.push(body);
-            }
-            // The next execution's start, then the messages it carries, after the
-            // turn's own messages.
-            if let (Some(start), Some(continued)) = (start, &ack.continued) {
-                for body in std::iter::once(start).chain(&continued.carried) {
-                    c.message_to.push(id);
-                    c.message_at.push(None);
-                    c.message_body.push(body);
-                }
-            }
-            for child in &ack.children {
-                c.children.push(child);
-            }
-            c.items.extend(&ack.activities);
-        }
-        c
-    }
-}
-
-/// Writes the accepted acks: a few statements for the whole batch, pipelined. The
-/// server runs them in the order they are sent: children before the messages that may
-/// be for them, work items before the cancellations that may name them.
-async fn write(tx: &Transaction<'_>, accepted: &[Accepted<'_>]) -> Result<()> {
-    let c = Columns::new(accepted);
-    let children = prepare_if(tx, !c.children.is_empty(), INSERT_MANY).await?;
-    let turns = tx.prepare_cached(TURNS).await.map_err(db)?;
-    let items = prepare_if(tx, !c.items.is_empty(), INSERT_ITEMS).await?;
-    let cancel = prepare_if(tx, !c.cancel_op.is_empty(), CANCEL).await?;
-    let messages = prepare_if(tx, !c.message_body.is_empty(), MESSAGES).await?;
-    let turn_params: [&(dyn ToSql + Sync); 18] = [
-        &c.id,
-        &c.status,
-        &c.version,
-        &c.events,
-        &c.continued,
-        &c.next_version,
-        &c.pay,
-        &c.output,
-        &c.failure,
-        &c.custom_mode,
-        &c.custom,
-        &c.input,
-        &c.event_instance,
-        &c.event_execution,
-        &c.event_seq,
-        &c.event_body,
-        &c.consumed_instance,
-        &c.consumed_id,
-    ];
-    let child_params = c.children.params();
-    let item_params = c.items.params();
-    let cancel_params: [&(dyn ToSql + Sync); 3] =
-        [&c.cancel_instance, &c.cancel_execution, &c.cancel_op];
-    let message_params: [&(dyn ToSql + Sync); 3] = [&c.message_to, &c.message_at, &c.message_body];
-    tokio::try_join!(
-        biased;
-        run(tx, children.as_ref(), &child_params),
-        run(tx, Some(&turns), &turn_params),
-        run(tx, items.as_ref(), &item_params),
-        run(tx, cancel.as_ref(), &cancel_params),
-        run(tx, messages.as_ref(), &message_params),
-    )?;
-    Ok(())
-}
-
-/// `sql` prepared (once per connection) when `needed`.
-async fn prepare_if(tx: &Transaction<'_>, needed: bool, sql: &str) -> Result<Option<Statement>> {
-    if !needed {
-        return Ok(None);
-    }
-    tx.prepare_cached(sql).await.map(Some).map_err(db)
-}
-
-/// Runs `statement` if there is one. Its request is sent when this is first polled,
-/// so that statements joined in order reach the server in that order.
-async fn run(
-    tx: &Transaction<'_>,
-    statement: Option<&Statement>,
-    params: Params<'_>,
-) -> Result<()> {
-    if let Some(statement) = statement {
-        tx.execute(statement, params).await.map_err(db)?;
-    }
-    Ok(())
 }

@@ -63,6 +63,14 @@ impl PreparedItems {
         self.body.is_empty()
     }
 
+    /// The name and queue of each item, in order.
+    pub(crate) fn routes(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.name
+            .iter()
+            .map(String::as_str)
+            .zip(self.queue.iter().map(String::as_str))
+    }
+
     /// Adds copies of `other`'s items after these.
     pub(crate) fn extend(&mut self, other: &Self) {
         self.instance.extend_from_slice(&other.instance);
@@ -105,6 +113,28 @@ items AS (INSERT INTO work_items (id, instance, execution, op, name, queue, prio
     keel_now() FROM src ORDER BY n) \
 INSERT INTO work_item_bodies (item, body) SELECT id, body FROM src";
 
+/// Enqueues prepared items as [`INSERT_ITEMS`] does, except that those marked in `$9`
+/// are inserted leased for `$10` milliseconds, as a claim at this moment would have
+/// leased them (eager dispatch): a lease token from the `tokens` sequence, one delivery,
+/// claimable again when the lease ends. Returns the leased ones in order: their position
+/// among the items (from 1), id, lease token and lease expiry. The parameters are
+/// [`PreparedItems::params`], the marks and the lease's length.
+pub(crate) const INSERT_LEASING: &str = "\
+WITH src AS MATERIALIZED ( \
+  SELECT nextval('work_item_ids') AS id, \
+    CASE WHEN u.leased THEN nextval('tokens') END AS token, u.* \
+  FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::text[], $5::text[], \
+    $6::integer[], $7::integer[], $8::bytea[], $9::boolean[]) \
+    WITH ORDINALITY AS u (instance, execution, op, name, queue, priority, attempt, \
+    body, leased, n) ORDER BY u.n), \
+items AS (INSERT INTO work_items (id, instance, execution, op, name, queue, priority, \
+  attempt, visible_at, lease_token, deliveries, created_at) \
+  SELECT id, instance, execution, op, name, queue, priority, attempt, \
+    CASE WHEN leased THEN keel_now() + $10 ELSE keel_now() END, token, \
+    CASE WHEN leased THEN 1 ELSE 0 END, keel_now() FROM src ORDER BY n), \
+bodies AS (INSERT INTO work_item_bodies (item, body) SELECT id, body FROM src) \
+SELECT n, id, token, keel_now() + $10 FROM src WHERE leased ORDER BY n";
+
 /// Enqueues prepared items, visible now, in order.
 pub(crate) async fn insert_items<C: GenericClient>(
     client: &C,
@@ -112,6 +142,23 @@ pub(crate) async fn insert_items<C: GenericClient>(
 ) -> Result<()> {
     execute(client, INSERT_ITEMS, &items.params()).await?;
     Ok(())
+}
+
+/// Which of `names` have limits; no query when there are none to ask about.
+pub(crate) async fn limited_names<C: GenericClient>(
+    client: &C,
+    names: &[&str],
+) -> Result<HashSet<String>> {
+    if names.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = query(
+        client,
+        "SELECT name FROM activity_limits WHERE name = ANY($1)",
+        &[&names],
+    )
+    .await?;
+    rows.iter().map(|row| col(row, 0)).collect()
 }
 
 /// The limits of one name and how much of them is in use, as this claim sees it.
@@ -242,6 +289,7 @@ pub(crate) async fn fetch(
         fetch_limited(&tx, &queues, max - leased.len(), lease_for, &mut leased).await?;
         tx.commit().await.map_err(db)?;
     }
+    p.inner.identities.remember(&leased);
     Ok(leased)
 }
 

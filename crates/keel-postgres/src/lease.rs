@@ -1,17 +1,78 @@
 //! Leased work items: renewing, completing, retrying and abandoning a lease.
+//!
+//! A completion that locks for its caller the instances it tells (eager dispatch) does
+//! so in its own statement, by the lock every claim takes ([`lock_wanted`]), and reads
+//! their messages in that statement too, so that it costs one round trip.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use keel_core::{Message, encode_record};
 use keel_provider::{
-    ActivityCompletion, ActivityRetry, ErrorKind, LeaseToken, ProviderError, Result,
+    ActivityCompletion, ActivityRetry, CompletedActivities, ErrorKind, FetchOrchestrations,
+    LeaseToken, LeasedWorkItem, ProviderError, Result,
 };
+use tokio_postgres::types::ToSql;
 
-use crate::convert::{check_size, col, count, duration_millis, execution, int, op, u64_bits};
+use crate::convert::{
+    check_size, col, count, duration_millis, execution, execution_col, int, op, u64_bits,
+};
+use crate::orchestration::{self, Claimed, lock_wanted};
 use crate::provider::PostgresProvider;
 use crate::statement::{query, query_opt};
+
+/// An item's instance, execution and op, as stored.
+type Identity = (String, i32, i64);
+
+/// How many identities [`Identities`] holds before it starts afresh.
+const REMEMBERED: usize = 65_536;
+
+/// The identities of the items this provider leased, by item id: they never change, so
+/// completing one of them needs no read of its row first. Forgotten as the items are
+/// completed or released; bounded, since a lease that expired may end in another
+/// process, and then its item is never forgotten here.
+#[derive(Debug, Default)]
+pub(crate) struct Identities(Mutex<HashMap<i64, Identity>>);
+
+impl Identities {
+    /// Remembers the identities of items just leased.
+    pub(crate) fn remember(&self, leased: &[LeasedWorkItem]) {
+        let mut known = self.known();
+        if known.len().saturating_add(leased.len()) > REMEMBERED {
+            known.clear();
+        }
+        for leased in leased {
+            let item = &leased.item;
+            known.insert(
+                u64_bits(leased.lease.item()),
+                (
+                    item.instance.as_str().to_owned(),
+                    execution_col(item.execution),
+                    u64_bits(item.op.get()),
+                ),
+            );
+        }
+    }
+
+    fn recall(&self, item: i64) -> Option<Identity> {
+        self.known().get(&item).cloned()
+    }
+
+    fn forget(&self, items: impl IntoIterator<Item = i64>) {
+        let mut known = self.known();
+        for item in items {
+            known.remove(&item);
+        }
+    }
+
+    fn known(&self) -> MutexGuard<'_, HashMap<i64, Identity>> {
+        // Every change is complete at each await-free step: a panic cannot leave it
+        // half-done.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 fn stale(lease: &LeaseToken) -> ProviderError {
     ProviderError::stale(format!("the lease on work item {}", lease.item()))
@@ -67,63 +128,143 @@ struct PreparedCompletion {
 
 /// Completes leased items in one statement: for each item whose lease is held (or that
 /// was cancelled), the first completion of it in the arrays enqueues its outcome (and
-/// the dead letter of a failure) unless it was cancelled, and deletes it. Returns the
-/// positions (from 1) of the completions that matched: the others are stale, and
-/// nothing matched them at all. Items are locked in id order, so that concurrent
-/// completions lock in one order.
-const COMPLETE: &str = "\
-WITH c AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) \
-  WITH ORDINALITY AS c (id, token, message, failure, n)), \
-locked AS ( \
-  SELECT w.id, w.instance, w.execution, w.op, w.name, w.attempt, w.cancelled, c.message, \
-    c.failure, c.n \
-  FROM work_items w JOIN c ON w.id = c.id AND w.lease_token = c.token \
-  WHERE w.visible_at > keel_now() OR w.cancelled ORDER BY w.id FOR UPDATE OF w), \
-item AS (SELECT DISTINCT ON (id) * FROM locked ORDER BY id, n), \
-msg AS (INSERT INTO messages (instance, priority, visible_at, enqueued_at, body) \
-  SELECT w.instance, i.priority, keel_now(), keel_now(), w.message \
-  FROM item w JOIN instances i ON i.id = w.instance WHERE NOT w.cancelled ORDER BY w.n), \
-dead AS (INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, item, \
-    recorded_at) \
-  SELECT w.instance, w.execution, w.op, w.name, w.attempt, w.failure, b.body, keel_now() \
-  FROM item w JOIN work_item_bodies b ON b.item = w.id \
-  WHERE w.failure IS NOT NULL AND NOT w.cancelled ORDER BY w.n), \
-gone AS (DELETE FROM work_items WHERE id IN (SELECT id FROM item)) \
-SELECT n FROM item";
+/// the dead letter of a failure) unless it was cancelled, and deletes it. Items are
+/// locked in id order, so that concurrent completions lock in one order. The outcome
+/// messages (`msg`) come last, for [`COMPLETE`] and [`COMPLETE_LOCKING`] to end.
+macro_rules! completing {
+    () => {
+        "WITH c AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[]) \
+          WITH ORDINALITY AS c (id, token, message, failure, n)), \
+        held AS ( \
+          SELECT w.id, w.instance, w.execution, w.op, w.name, w.attempt, w.cancelled, \
+            c.message, c.failure, c.n \
+          FROM work_items w JOIN c ON w.id = c.id AND w.lease_token = c.token \
+          WHERE w.visible_at > keel_now() OR w.cancelled ORDER BY w.id FOR UPDATE OF w), \
+        item AS (SELECT DISTINCT ON (id) * FROM held ORDER BY id, n), \
+        dead AS (INSERT INTO dead_letters (instance, execution, op, name, attempts, failure, \
+            item, recorded_at) \
+          SELECT w.instance, w.execution, w.op, w.name, w.attempt, w.failure, b.body, \
+            keel_now() \
+          FROM item w JOIN work_item_bodies b ON b.item = w.id \
+          WHERE w.failure IS NOT NULL AND NOT w.cancelled ORDER BY w.n), \
+        gone AS (DELETE FROM work_items WHERE id IN (SELECT id FROM item)), \
+        msg AS (INSERT INTO messages (instance, priority, visible_at, enqueued_at, body) \
+          SELECT w.instance, i.priority, keel_now(), keel_now(), w.message \
+          FROM item w JOIN instances i ON i.id = w.instance WHERE NOT w.cancelled \
+          ORDER BY w.n"
+    };
+}
 
+/// Completes leased items ([`completing`]); returns the positions (from 1) of the
+/// completions that matched: the others are stale, and nothing matched them at all.
+const COMPLETE: &str = concat!(completing!(), ") SELECT n FROM item");
+
+/// Completes leased items as [`COMPLETE`] does and locks for `$6` milliseconds up to `$5`
+/// of the instances the outcomes went to, in completion order ([`lock_wanted`]): each
+/// has a visible message, its outcome. It reads their visible messages itself, which
+/// the statement's snapshot shows (those it enqueues come from `msg`), so it locks only
+/// instances whose row is the version that snapshot shows: one that an ack committed
+/// since changed (the lock then re-checks the new version) may have had messages
+/// consumed that the snapshot still shows, and is left to fetches. The first row always
+/// comes, with the positions of the completions that matched and the database's now;
+/// the locked instances fill the rest of the rows, in completion order, with their
+/// messages' ids, enqueue times and bodies as arrays, oldest first.
+const COMPLETE_LOCKING: &str = concat!(
+    completing!(),
+    " RETURNING instance, id, enqueued_at, body), \
+    wanted AS ( \
+      SELECT instance, min(n) AS n FROM item WHERE NOT cancelled \
+      GROUP BY instance ORDER BY min(n)), ",
+    lock_wanted!(
+        "$5",
+        "$6",
+        "WHERE i.xmin = (SELECT s.xmin FROM instances s WHERE s.id = w.instance)"
+    ),
+    " SELECT s.done, s.now, l.id, l.name, l.version, l.status, l.execution, l.history_len, \
+      l.lock_token, l.locked_until, 0::bigint AS first, v.ids, v.enqueued, v.bodies \
+    FROM (SELECT ARRAY(SELECT n FROM item) AS done, keel_now() AS now) s \
+    LEFT JOIN (locked l JOIN claimed c ON c.instance = l.id \
+      CROSS JOIN LATERAL ( \
+        SELECT array_agg(u.id ORDER BY u.id) AS ids, \
+          array_agg(u.enqueued_at ORDER BY u.id) AS enqueued, \
+          array_agg(u.body ORDER BY u.id) AS bodies \
+        FROM (SELECT m.id, m.enqueued_at, m.body FROM messages m \
+            WHERE m.instance = l.id AND m.visible_at <= keel_now() \
+          UNION ALL SELECT o.id, o.enqueued_at, o.body FROM msg o \
+            WHERE o.instance = l.id) u) v) ON true \
+    ORDER BY c.n NULLS FIRST"
+);
+
+/// What completions may lock for their caller (eager dispatch): this many more
+/// instances, for this long.
+#[derive(Debug, Clone, Copy)]
+struct Locking {
+    left: usize,
+    lock_for: i64,
+}
+
+/// Completes the items; with `lock`, also locks for the caller the instances the
+/// outcomes went to that it allows (eager dispatch of their next turns).
 pub(crate) async fn complete(
     p: &PostgresProvider,
     completions: Vec<ActivityCompletion>,
-) -> Result<Vec<Result<()>>> {
+    lock: Option<FetchOrchestrations>,
+) -> Result<CompletedActivities> {
+    let mut done = CompletedActivities {
+        results: Vec::new(),
+        locked: Vec::new(),
+    };
     if completions.is_empty() {
-        return Ok(Vec::new());
+        return Ok(done);
     }
-    let limit = p.capabilities_ref().max_record_bytes;
+    let capabilities = p.capabilities_ref();
+    let limit = capabilities.max_record_bytes;
+    let with_history = lock.as_ref().is_some_and(|lock| lock.with_history);
+    let mut locking = lock
+        .map(|lock| Locking {
+            left: lock.max_instances.min(capabilities.max_fetch_instances),
+            lock_for: duration_millis(lock.lock_for),
+        })
+        .filter(|locking| locking.left > 0);
     let client = p.client().await?;
-    // An item's instance, execution and op never change: read them first, so that the
-    // outcome messages are encoded and checked before anything is written.
+    // An item's instance, execution and op never change: known already for the items
+    // this provider leased, read first for the others, so that the outcome messages are
+    // encoded and checked before anything is written.
+    let identities = &p.inner.identities;
     let ids: Vec<i64> = completions
         .iter()
         .map(|c| u64_bits(c.lease.item()))
         .collect();
-    let rows = query(
-        &client,
-        "SELECT id, instance, execution, op FROM work_items WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await?;
-    let mut items = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        items.insert(
-            col::<i64>(row, 0)?,
-            (
-                col::<String>(row, 1)?,
-                col::<i32>(row, 2)?,
-                col::<i64>(row, 3)?,
-            ),
-        );
+    let mut items = HashMap::with_capacity(ids.len());
+    let mut unknown = Vec::new();
+    for &id in &ids {
+        match identities.recall(id) {
+            Some(identity) => {
+                items.insert(id, identity);
+            }
+            None => unknown.push(id),
+        }
     }
-    let mut results = Vec::with_capacity(completions.len());
+    if !unknown.is_empty() {
+        let rows = query(
+            &client,
+            "SELECT id, instance, execution, op FROM work_items WHERE id = ANY($1)",
+            &[&unknown],
+        )
+        .await?;
+        for row in &rows {
+            items.insert(
+                col::<i64>(row, 0)?,
+                (
+                    col::<String>(row, 1)?,
+                    col::<i32>(row, 2)?,
+                    col::<i64>(row, 3)?,
+                ),
+            );
+        }
+    }
+    let results = &mut done.results;
+    results.reserve(completions.len());
     let mut prepared = Vec::with_capacity(completions.len());
     for (i, completion) in completions.into_iter().enumerate() {
         let item = items.get(&u64_bits(completion.lease.item()));
@@ -136,36 +277,54 @@ pub(crate) async fn complete(
         }
     }
     if prepared.is_empty() {
-        return Ok(results);
+        return Ok(done);
     }
     let batch: Vec<(usize, &PreparedCompletion)> = prepared.iter().map(|(i, c)| (*i, c)).collect();
-    match complete_batch(&client, &batch).await {
-        Ok(verdicts) => {
+    let mut claimed = Vec::new();
+    match complete_batch(&client, &batch, locking).await {
+        Ok((verdicts, mine)) => {
             for ((i, _), verdict) in batch.iter().zip(verdicts) {
                 results[*i] = verdict;
             }
+            claimed = mine;
         }
         Err(error) if batch.len() > 1 && !error.is_retryable() => {
             // Nothing was written. Alone, each completion commits or fails by itself.
             tracing::warn!(%error, completions = batch.len(), "a batch of completions failed: completing one by one");
             for &(i, completion) in &batch {
-                results[i] = match complete_batch(&client, &[(i, completion)]).await {
-                    Ok(mut verdicts) => verdicts.pop().unwrap_or(Ok(())),
+                results[i] = match complete_batch(&client, &[(i, completion)], locking).await {
+                    Ok((mut verdicts, mut mine)) => {
+                        if let Some(locking) = locking.as_mut() {
+                            locking.left = locking.left.saturating_sub(mine.len());
+                        }
+                        claimed.append(&mut mine);
+                        verdicts.pop().unwrap_or(Ok(()))
+                    }
                     Err(error) => Err(error),
                 };
             }
         }
         Err(error) => return Err(error),
     }
-    Ok(results)
+    // Completed, or gone: their identities are of no further use.
+    identities.forget(
+        ids.iter()
+            .zip(&done.results)
+            .filter(|(_, result)| result.as_ref().err().is_none_or(ProviderError::is_stale))
+            .map(|(id, _)| *id),
+    );
+    done.locked = orchestration::deliver_claimed(p, &client, claimed, with_history).await;
+    Ok(done)
 }
 
-/// Completes a batch in one statement (atomic on its own); returns one verdict per
-/// completion, in order. An error means nothing was written.
+/// Completes a batch in one statement (atomic on its own), locking what `locking`
+/// allows of the instances told; returns one verdict per completion, in order, and the
+/// instances locked, in completion order. An error means nothing was written.
 async fn complete_batch<C: GenericClient>(
     client: &C,
     batch: &[(usize, &PreparedCompletion)],
-) -> Result<Vec<Result<()>>> {
+    locking: Option<Locking>,
+) -> Result<(Vec<Result<()>>, Vec<Claimed>)> {
     let items: Vec<i64> = batch
         .iter()
         .map(|(_, c)| u64_bits(c.lease.item()))
@@ -176,12 +335,35 @@ async fn complete_batch<C: GenericClient>(
         .collect();
     let messages: Vec<&[u8]> = batch.iter().map(|(_, c)| c.message.as_slice()).collect();
     let failures: Vec<Option<&[u8]>> = batch.iter().map(|(_, c)| c.failure.as_deref()).collect();
-    let rows = query(client, COMPLETE, &[&items, &tokens, &messages, &failures]).await?;
-    let mut done = HashSet::with_capacity(rows.len());
-    for row in &rows {
-        done.insert(col::<i64>(row, 0)?);
+    let mut done = HashSet::with_capacity(batch.len());
+    let mut claimed = Vec::new();
+    if let Some(locking) = locking {
+        let max = count(locking.left as u64);
+        let params: [&(dyn ToSql + Sync); 6] = [
+            &items,
+            &tokens,
+            &messages,
+            &failures,
+            &max,
+            &locking.lock_for,
+        ];
+        let rows = query(client, COMPLETE_LOCKING, &params).await?;
+        if let Some(first) = rows.first() {
+            done.extend(col::<Vec<i64>>(first, 0)?);
+            let now: i64 = col(first, 1)?;
+            for row in &rows {
+                if let Some(instance) = Claimed::from_row(row, 2, now)? {
+                    claimed.push(instance.with_messages(row, 11)?);
+                }
+            }
+        }
+    } else {
+        let rows = query(client, COMPLETE, &[&items, &tokens, &messages, &failures]).await?;
+        for row in &rows {
+            done.insert(col::<i64>(row, 0)?);
+        }
     }
-    Ok(batch
+    let verdicts = batch
         .iter()
         .enumerate()
         .map(|(n, (_, completion))| {
@@ -191,12 +373,13 @@ async fn complete_batch<C: GenericClient>(
                 Err(stale(&completion.lease))
             }
         })
-        .collect())
+        .collect();
+    Ok((verdicts, claimed))
 }
 
 fn prepare(
     completion: ActivityCompletion,
-    item: Option<&(String, i32, i64)>,
+    item: Option<&Identity>,
     limit: usize,
 ) -> Result<PreparedCompletion> {
     let lease = completion.lease;
@@ -256,6 +439,7 @@ async fn release(
         ],
     )
     .await?;
+    p.inner.identities.forget([u64_bits(lease.item())]);
     if rows.is_empty() {
         return Err(stale(lease));
     }

@@ -11,10 +11,11 @@ use deadpool_postgres::{
 };
 use keel_core::{Event, ExecutionId, InstanceId, Message, Timestamp};
 use keel_provider::{
-    Ack, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities, Created, DeadLetter,
-    DeadLetterId, ErrorKind, FetchActivities, FetchOrchestrations, InstanceQuery, InstanceRecord,
-    LeaseToken, LeasedWorkItem, LockToken, NewInstance, OnConflict, OrchestrationWork, Page,
-    PageRequest, Provider, ProviderError, PurgeFilter, QueueDepths, Result, WorkKind,
+    Ack, AckedTurns, ActivityCompletion, ActivityLimits, ActivityRetry, Capabilities,
+    CompletedActivities, Created, DeadLetter, DeadLetterId, ErrorKind, FetchActivities,
+    FetchOrchestrations, InstanceQuery, InstanceRecord, LeaseToken, LeasedWorkItem, LockToken,
+    NewInstance, OnConflict, OrchestrationWork, Page, PageRequest, Provider, ProviderError,
+    PurgeFilter, QueueDepths, Result, WorkKind,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,6 +23,7 @@ use tokio_postgres::NoTls;
 
 use crate::convert::{col, timestamp};
 use crate::error::{db, describe, invalid, pool};
+use crate::lease::Identities;
 use crate::options::PostgresOptions;
 use crate::schema::{self, Channels, SchemaName};
 use crate::wake::{self, Wake};
@@ -44,6 +46,7 @@ pub(crate) struct Inner {
     pub(crate) channels: Channels,
     pub(crate) capabilities: Capabilities,
     pub(crate) options: PostgresOptions,
+    pub(crate) identities: Identities,
     listener: Mutex<Option<JoinHandle<()>>>,
     target: String,
 }
@@ -180,6 +183,8 @@ impl PostgresProvider {
         capabilities.max_history_events = options.max_history_events;
         capabilities.database_clock = true;
         capabilities.activity_limits = true;
+        capabilities.leases_on_ack = true;
+        capabilities.locks_on_completion = true;
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -188,6 +193,7 @@ impl PostgresProvider {
                 channels,
                 capabilities,
                 options,
+                identities: Identities::default(),
                 listener: Mutex::new(Some(listener)),
                 target,
             }),
@@ -301,7 +307,15 @@ impl Provider for PostgresProvider {
     }
 
     async fn ack_turns(&self, acks: Vec<Ack>) -> Result<Vec<Result<()>>> {
-        ack::ack_turns(self, acks).await
+        Ok(ack::ack_turns(self, acks, None).await?.results)
+    }
+
+    async fn ack_turns_leasing(
+        &self,
+        acks: Vec<Ack>,
+        lease: FetchActivities,
+    ) -> Result<AckedTurns> {
+        ack::ack_turns(self, acks, Some(lease)).await
     }
 
     async fn suspend(&self, lock: &LockToken, reason: &str) -> Result<()> {
@@ -320,7 +334,15 @@ impl Provider for PostgresProvider {
         &self,
         completions: Vec<ActivityCompletion>,
     ) -> Result<Vec<Result<()>>> {
-        lease::complete(self, completions).await
+        Ok(lease::complete(self, completions, None).await?.results)
+    }
+
+    async fn complete_activities_locking(
+        &self,
+        completions: Vec<ActivityCompletion>,
+        lock: FetchOrchestrations,
+    ) -> Result<CompletedActivities> {
+        lease::complete(self, completions, Some(lock)).await
     }
 
     async fn retry_activity(&self, retry: ActivityRetry) -> Result<()> {

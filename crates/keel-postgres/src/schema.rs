@@ -80,7 +80,7 @@ impl Channels {
 }
 
 /// The migrations, in order: `(version, SQL)`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1_INITIAL), (2, V2_HOT_LOCKS)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1_INITIAL), (2, V2_HOT_LOCKS), (3, V3_EAGER_WAKE_UPS)];
 
 /// The first schema.
 ///
@@ -274,6 +274,44 @@ UPDATE instances SET delayed_until = locked_until
 DROP INDEX instances_by_release;
 CREATE INDEX instances_by_delay ON instances (delayed_until)
     WHERE delayed_until IS NOT NULL;
+";
+
+/// Eager dispatch takes work in the commit that enqueues it, for the committing worker:
+/// what it took wakes nobody else, who would only look and find nothing. Work items
+/// wake activity dispatchers only when some of those inserted are queued rather than
+/// leased to an acking worker; messages wake orchestration dispatchers unless every one
+/// went to an instance that this very transaction locked (a completion that locked the
+/// instance its outcome tells): such an instance is locked by a row version this
+/// transaction wrote. (`pg_current_xact_id()` needs PostgreSQL 13.)
+const V3_EAGER_WAKE_UPS: &str = r"
+CREATE FUNCTION notify_items_queued() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM added WHERE lease_token IS NULL) THEN
+        PERFORM pg_notify('keel_a_' || TG_TABLE_SCHEMA, '');
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER work_items_enqueued ON work_items;
+CREATE TRIGGER work_items_enqueued AFTER INSERT ON work_items
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_items_queued();
+
+CREATE FUNCTION notify_messages_for_others() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM added a WHERE NOT EXISTS (
+        SELECT 1 FROM instances i
+        WHERE i.id = a.instance AND i.lock_token IS NOT NULL
+          AND i.locked_until > keel_now() AND i.xmin = pg_current_xact_id()::xid)) THEN
+        PERFORM pg_notify('keel_o_' || TG_TABLE_SCHEMA, '');
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER messages_enqueued ON messages;
+CREATE TRIGGER messages_enqueued AFTER INSERT ON messages
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_messages_for_others();
+
+DROP FUNCTION notify_enqueued();
 ";
 
 /// Creates the schema if missing and applies the migrations it lacks, in one

@@ -12,6 +12,7 @@ use keel_conformance::TestStore;
 use keel_postgres::{PostgresOptions, PostgresProvider};
 
 mod connect;
+mod eager;
 mod limits;
 mod listener;
 
