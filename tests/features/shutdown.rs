@@ -252,11 +252,14 @@ async fn a_long_chain_gives_the_same_result_with_and_without_the_sticky_cache_an
             "{how}: the history differs from the default run's: {run:?} vs {eager:?}"
         );
     }
-    // Each link costs an ack and a completion when the worker takes the next step in
-    // the same commit, and two claims more when every step goes through the queues.
+    // Each link costs an ack and a completion (and at most a lane's look at the queue
+    // after the handed-back turn) when the worker takes the next step in the same
+    // commit, and two claims more when every step goes through the queues: measured
+    // 2.4-2.9 commits a link against 4.7-5.3.
     let links = LINKS;
+    let line = links * 19 / 5;
     ensure!(
-        eager.commits < 3 * links && queued.commits > 3 * links,
+        eager.commits < line && queued.commits > line,
         "eager dispatch did not save the claims: {} commits with it, {} without, for {links} links",
         eager.commits,
         queued.commits

@@ -411,7 +411,7 @@ async fn commit_loop(
         // Before the attempts hear their outcome is in: while they run, shutdown waits,
         // so the turns are tracked before it can stop waiting.
         if let Some(orchestrator) = orchestrator.filter(|_| !locked.is_empty()) {
-            tasks.spawn(async move { orchestrator.run_batch(locked).await });
+            tasks.spawn(async move { orchestrator.run_handed_batch(locked).await });
         }
         for done in waiting {
             let _ = done.send(());

@@ -18,7 +18,7 @@ use keel_replay::{
     Execution, ExecutionState, Orchestration, OrchestrationContext, OrchestrationFuture,
     ReplayError, TurnEnv,
 };
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use crate::ack::{TurnOf, ack_for};
@@ -35,6 +35,9 @@ pub(crate) struct Orchestrator {
     /// schedules are leased to it as the turn is acked, while it has free slots.
     activities: Option<Arc<Activities>>,
     cache: Mutex<StickyCache>,
+    /// Rung after a batch locked on completion is acked: messages that arrived for its
+    /// instances meanwhile are fetchable now, and a store need not announce that.
+    handed_back: Notify,
     /// Failed turns per instance since its last good one (poison handling).
     failures: Mutex<HashMap<InstanceId, u32>>,
 }
@@ -112,6 +115,7 @@ impl Orchestrator {
             shared,
             activities,
             cache: Mutex::new(StickyCache::new(capacity)),
+            handed_back: Notify::new(),
             failures: Mutex::default(),
         }
     }
@@ -137,7 +141,10 @@ impl Orchestrator {
             match fetched {
                 Ok(work) if work.is_empty() => {
                     errors = 0;
-                    idle(shared, WorkKind::Orchestrations).await;
+                    tokio::select! {
+                        () = idle(shared, WorkKind::Orchestrations) => {}
+                        () = self.handed_back.notified() => {}
+                    }
                 }
                 Ok(work) => {
                     errors = 0;
@@ -199,6 +206,14 @@ impl Orchestrator {
             pending = rest;
         }
         metrics::seconds(metrics::TURN_DURATION, started.elapsed());
+    }
+
+    /// Runs a batch locked for this worker as its activities completed, then has a lane
+    /// look at the queue again: the lanes did not run these turns, so none would
+    /// otherwise fetch the messages that came for these instances while they were held.
+    pub(crate) async fn run_handed_batch(&self, work: Vec<OrchestrationWork>) {
+        self.run_batch(work).await;
+        self.handed_back.notify_one();
     }
 
     /// Commits `acks`, leasing the items they schedule to this worker's activity runner
