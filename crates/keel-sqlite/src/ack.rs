@@ -18,7 +18,7 @@ use keel_provider::{
     ProviderError, Result, TurnOutcome, WorkKind,
 };
 
-use crate::activity::{PreparedItem, insert_item, insert_leased_item, limited_names, prepare_item};
+use crate::activity::{PreparedItem, insert_item, limited_names, prepare_item};
 use crate::convert::{
     check_size, col, count, execution, from_bits, instance_id, later, millis, op, timestamp,
     u64_bits,
@@ -389,13 +389,13 @@ fn insert_items(
             l.left > 0 && l.queues.contains(&prepared.queue) && !l.limited.contains(&prepared.name)
         });
         let Some(lease) = lease else {
-            insert_item(&ctx.conn, prepared, now)?;
+            insert_item(&ctx.conn, prepared, now, None)?;
             continue;
         };
         lease.left -= 1;
         let leased_until = lease.leased_until;
         let token = allocate_tokens(ctx, 1)?;
-        let id = insert_leased_item(&ctx.conn, prepared, now, token, leased_until)?;
+        let id = insert_item(&ctx.conn, prepared, now, Some((token, leased_until)))?;
         leased.push(LeasedWorkItem {
             lease: LeaseToken::new(from_bits(id), from_bits(token)),
             leased_until: timestamp(leased_until),

@@ -54,41 +54,20 @@ pub(crate) fn prepare_item(item: &WorkItem, limit: usize) -> Result<PreparedItem
     })
 }
 
-/// Enqueues a prepared item, visible at `now`.
-pub(crate) fn insert_item(conn: &Connection, item: &PreparedItem, now: i64) -> Result<()> {
-    execute(
-        conn,
-        "INSERT INTO work_items (instance, execution, op, name, queue, priority, attempt, \
-         visible_at, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
-        (
-            &item.instance,
-            item.execution,
-            item.op,
-            &item.name,
-            &item.queue,
-            item.priority,
-            item.attempt,
-            now,
-            &item.body,
-        ),
-    )?;
-    Ok(())
-}
-
-/// Enqueues a prepared item already leased under `token` until `leased_until`, as a
-/// fetch at `now` would have left it; returns its id.
-pub(crate) fn insert_leased_item(
+/// Enqueues a prepared item at `now`: visible at once, or, with `lease` (a token and
+/// when it ends), already leased as a fetch at `now` would have left it. Returns its id.
+pub(crate) fn insert_item(
     conn: &Connection,
     item: &PreparedItem,
     now: i64,
-    token: i64,
-    leased_until: i64,
+    lease: Option<(i64, i64)>,
 ) -> Result<i64> {
+    let (token, leased_until) = lease.unzip();
     execute(
         conn,
         "INSERT INTO work_items (instance, execution, op, name, queue, priority, attempt, \
          visible_at, lease_token, deliveries, created_at, body) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, COALESCE(?10, ?8), ?9, ?9 IS NOT NULL, ?8, ?11)",
         (
             &item.instance,
             item.execution,
@@ -97,9 +76,9 @@ pub(crate) fn insert_leased_item(
             &item.queue,
             item.priority,
             item.attempt,
-            leased_until,
-            token,
             now,
+            token,
+            leased_until,
             &item.body,
         ),
     )?;

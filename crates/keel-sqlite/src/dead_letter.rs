@@ -143,7 +143,7 @@ pub(crate) async fn replay(p: &SqliteProvider, id: DeadLetterId) -> Result<()> {
         item.attempt = 1;
         let prepared = prepare_item(&item, limit)?;
         let now = millis(ctx.now());
-        insert_item(&ctx.conn, &prepared, now)?;
+        insert_item(&ctx.conn, &prepared, now, None)?;
         execute(
             &ctx.conn,
             "DELETE FROM dead_letters WHERE id = ?1",

@@ -10,6 +10,8 @@ use keel_provider::{
     Result, WorkKind,
 };
 
+use rusqlite::Row;
+
 use crate::convert::{
     col, count, execution, from_bits, instance_id, later, millis, record, small, status, timestamp,
     u64_bits, uncount,
@@ -62,6 +64,22 @@ struct Candidate {
     status: String,
     execution: i64,
     history_len: i64,
+}
+
+impl Candidate {
+    /// A candidate from the first columns of a row: seq, id, name, version, status,
+    /// execution, history_len.
+    fn read(row: &Row<'_>) -> Result<Self> {
+        Ok(Self {
+            seq: col(row, 0)?,
+            id: col(row, 1)?,
+            name: col(row, 2)?,
+            version: col(row, 3)?,
+            status: col(row, 4)?,
+            execution: col(row, 5)?,
+            history_len: col(row, 6)?,
+        })
+    }
 }
 
 /// What was read for one candidate: its visible messages and history, or why they
@@ -220,16 +238,7 @@ fn scan(ctx: &WriteCtx, max: usize, now: i64) -> Result<Vec<Candidate>> {
             [now, after.0, after.1, page],
             |row| {
                 let position: (i64, i64) = (col(row, 7)?, col(row, 8)?);
-                let candidate = Candidate {
-                    seq: col(row, 0)?,
-                    id: col(row, 1)?,
-                    name: col(row, 2)?,
-                    version: col(row, 3)?,
-                    status: col(row, 4)?,
-                    execution: col(row, 5)?,
-                    history_len: col(row, 6)?,
-                };
-                Ok((position, candidate))
+                Ok((position, Candidate::read(row)?))
             },
         )?;
         let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= page;
@@ -260,17 +269,7 @@ fn scan_only(ctx: &WriteCtx, ids: &[String], now: i64) -> Result<Vec<Candidate>>
                AND EXISTS (SELECT 1 FROM messages m \
                  WHERE m.instance = i.id AND m.ready = 1 AND m.visible_at <= ?2)",
             (id, now),
-            |row| {
-                Ok(Candidate {
-                    seq: col(row, 0)?,
-                    id: col(row, 1)?,
-                    name: col(row, 2)?,
-                    version: col(row, 3)?,
-                    status: col(row, 4)?,
-                    execution: col(row, 5)?,
-                    history_len: col(row, 6)?,
-                })
-            },
+            Candidate::read,
         )?;
         candidates.extend(candidate);
     }
