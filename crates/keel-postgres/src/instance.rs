@@ -371,37 +371,38 @@ pub(crate) async fn read_history(
     execution: Option<ExecutionId>,
 ) -> Result<Vec<Event>> {
     let client = p.client().await?;
-    let row = query_opt(
+    // One statement: the instance's current execution, with the events of the one
+    // asked for (the current one when none is); a row with no event when it has none.
+    let rows = query(
         &client,
-        "SELECT execution FROM instances WHERE id = $1",
-        &[&instance.as_str()],
+        "SELECT i.execution, h.seq, h.event FROM instances i \
+         LEFT JOIN history h ON h.instance = i.id \
+           AND h.execution = COALESCE($2, i.execution) \
+         WHERE i.id = $1 ORDER BY h.seq",
+        &[&instance.as_str(), &execution.map(execution_col)],
     )
-    .await?
-    .ok_or_else(|| unknown(instance))?;
-    let current = stored_execution(col(&row, 0)?)?;
+    .await?;
+    let first = rows.first().ok_or_else(|| unknown(instance))?;
+    let current = stored_execution(col(first, 0)?)?;
     let execution = execution.unwrap_or(current);
     if execution.get() == 0 || execution > current {
         return Err(ProviderError::not_found(format!(
             "execution {execution} of instance {instance}"
         )));
     }
-    let rows = query(
-        &client,
-        "SELECT event, seq FROM history WHERE instance = $1 AND execution = $2 ORDER BY seq",
-        &[&instance.as_str(), &execution_col(execution)],
-    )
-    .await?;
-    rows.iter()
-        .map(|row| {
-            let seq: i64 = col(row, 1)?;
-            record(
-                row,
-                0,
-                decode_record::<Event>,
-                format_args!("history event {seq} of execution {execution} of instance {instance}"),
-            )
-        })
-        .collect()
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(seq) = col::<Option<i64>>(row, 1)? else {
+            continue;
+        };
+        events.push(record(
+            row,
+            2,
+            decode_record::<Event>,
+            format_args!("history event {seq} of execution {execution} of instance {instance}"),
+        )?);
+    }
+    Ok(events)
 }
 
 /// A listing position: the last item's creation time and row number.
